@@ -23,6 +23,9 @@ AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aif", ".
 DECODE_BLOCK = 1 << 18
 # Audio decoded before a crop's start so the resampler's filter has settled when it begins.
 RESAMPLER_PREROLL_S = 0.1
+# A file that decodes this much (or 2%) shorter than its header says is reported as truncated
+# (a cut-off MP3 with a Xing header decodes without error, just shorter).
+TRUNCATION_TOLERANCE_S = 1.0
 
 
 class AudioError(Exception):
@@ -50,10 +53,13 @@ class AudioInfo:
 
 def _open(path: Path) -> sf.SoundFile:
     """Open with soundfile after the cheap checks, turning every failure into AudioError."""
-    if not path.exists():
-        raise AudioError(path, "no such file")
-    if path.is_dir():
-        raise AudioError(path, "is a directory, not an audio file")
+    try:
+        if not path.exists():
+            raise AudioError(path, "no such file")
+        if path.is_dir():
+            raise AudioError(path, "is a directory, not an audio file")
+    except PermissionError:
+        raise AudioError(path, "permission denied") from None
     if path.suffix.lower() not in AUDIO_EXTENSIONS:
         raise AudioError(path, f"unsupported extension {path.suffix or '(none)'!r} "
                                f"(supported: {', '.join(AUDIO_EXTENSIONS)})")
@@ -151,6 +157,11 @@ def iter_audio(
                 yield np.ascontiguousarray(out, dtype=np.float32)
             if last or (want_out is not None and produced >= want_out):
                 break
+        announced = f.frames if 0 < f.frames < 2**62 else 0
+        shortfall = announced - (first_in + decoded)
+        if want_out is None and shortfall > max(rate_in * TRUNCATION_TOLERANCE_S, 0.02 * announced):
+            raise AudioError(p, f"truncated: decoded {(first_in + decoded) / rate_in:.2f} s of the "
+                                f"{announced / rate_in:.2f} s its header announces")
     if produced == 0:
         raise AudioError(p, "no audio samples" if start_tick == 0 else
                          f"no audio samples after {start_tick / g:.2f} s")

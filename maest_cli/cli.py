@@ -44,6 +44,11 @@ def _exit_code(e: BaseException) -> int | None:
     return None
 
 
+def print_error(e: BaseException | str) -> None:
+    """Errors go to stderr unwrapped (rich would fold long paths across lines)."""
+    print(f"maest: error: {e}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def errors_to_exit_codes():
     try:
@@ -57,7 +62,7 @@ def errors_to_exit_codes():
         code = _exit_code(e)
         if code is None:
             raise
-        err.print(f"maest: error: {e}", markup=False)
+        print_error(e)
         raise typer.Exit(code) from None
 
 
@@ -109,7 +114,7 @@ def models_download(
             except Exception as e:  # noqa: BLE001 - report each model, go on
                 if _exit_code(e) is None:
                     raise
-                err.print(f"maest: error: {e}", markup=False)
+                print_error(e)
                 failed += 1
         if failed:
             raise typer.Exit(1)
