@@ -1,0 +1,518 @@
+"""maest probe: dataset adapters, embeddings join, metrics, schedule, training, selection, outputs, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maest_cli.cli import app
+from maest_cli.probe import load_probe, probe
+from maest_cli.probe_train import (ProbeConfig, ProbeData, Protocol, SplitData, column_stats, load_grid, logits_of,
+                                   lr_at, train_runs)
+from maest_cli.probe_data import (ProbeError, UsageError, describe_embeddings, join_tracks, load_annotations,
+                                  open_embeddings, track_key)
+from maest_cli.probe_metrics import fast_macro_roc_auc, macro_scores, per_tag_scores
+
+FIX = Path(__file__).parent / "fixtures" / "probe"
+META = {"model": "maest-30s-pw", "block": 7, "tokens": ["cls", "dist", "avg"], "preset": "none"}
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny MLPs run fastest on one thread, and the machine is shared; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_embeddings(directory: Path, paths, x: np.ndarray, root: str = "/data/audio", meta: dict | None = None,
+                     segments: list[int] | None = None, name: str = "part-00000.parquet") -> Path:
+    """An `extract`-shaped Parquet file: path, root, duration_s, n_segments, embedding[D] (+ segment rows)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    x = np.asarray(x, np.float32)
+    cols = {"path": pa.array(list(paths), pa.string()), "root": pa.array([root] * len(x), pa.string()),
+            "duration_s": pa.array(np.full(len(x), 30.0)), "n_segments": pa.array(np.ones(len(x), np.int32))}
+    if segments is not None:
+        cols["segment"] = pa.array(segments, pa.int32())
+        cols["start_s"] = pa.array(np.asarray(segments, float) * 15.0)
+        cols["end_s"] = pa.array(np.asarray(segments, float) * 15.0 + 30.0)
+    cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), x.shape[1])
+    table = pa.table(cols).replace_schema_metadata({b"maest": json.dumps(meta or META).encode()})
+    pq.write_table(table, directory / name)
+    return directory
+
+
+def linear_task(n: int = 2000, dim: int = 32, n_tags: int = 5, seed: int = 0, random_labels: bool = False):
+    """Embeddings and tags that are a linear function of them (or independent of them)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32) * 3 + 1  # not standardised on purpose
+    if random_labels:
+        y = (rng.random((n, n_tags)) < 0.3).astype(np.uint8)
+    else:
+        z = (x - 1) @ rng.standard_normal((dim, n_tags))
+        y = (z > np.quantile(z, 0.7, axis=0)).astype(np.uint8)
+    splits = np.array(["train"] * int(n * 0.6) + ["validation"] * int(n * 0.15) + ["test"] * (n - int(n * 0.75)))
+    return x, y, splits
+
+
+def write_custom_task(tmp: Path, x, y, splits, rare_train_tag: bool = True, ext: str = ".mp3"):
+    """A custom label TSV + embeddings folder for a task; `rare` is positive only in train (absent elsewhere)."""
+    paths = [f"{i % 100:02d}/{i}{ext}" for i in range(len(x))]
+    tags = [f"tag{c}" for c in range(y.shape[1])]
+    lines = ["path\tsplit\ttags"]
+    for i, p in enumerate(paths):
+        t = [tags[c] for c in np.flatnonzero(y[i])]
+        if rare_train_tag and splits[i] == "train" and i % 10 == 0:
+            t.append("rare")
+        lines.append(f"{p}\t{splits[i]}\t{'|'.join(t)}")
+    (tmp / "labels.tsv").write_text("\n".join(lines) + "\n")
+    write_embeddings(tmp / "emb", paths, x)
+    return tmp / "labels.tsv", tmp / "emb"
+
+
+def tiny_grid(tmp: Path, lrs=(3e-3,), dropouts=(0.5,), epochs=(9,), batch=(64,)) -> str:
+    p = tmp / "grid.toml"
+    p.write_text(f"batch_size = {list(batch)}\nepochs = {list(epochs)}\ndropout = {list(dropouts)}\n"
+                 f"lr = {list(lrs)}\n[protocol]\nhidden = 64\n")
+    return str(p)
+
+
+def make_data(x, y, splits) -> ProbeData:
+    mean, std = x[splits == "train"].mean(0), x[splits == "train"].std(0)
+    xs = ((x - mean) / std).astype(np.float32)
+    sd = {s: SplitData(torch.from_numpy(xs[splits == s]), torch.from_numpy(y[splits == s].astype(np.float32)),
+                       y[splits == s], [str(i) for i in np.flatnonzero(splits == s)])
+          for s in ("train", "validation", "test")}
+    return ProbeData([f"tag{c}" for c in range(y.shape[1])], sd, mean, std)
+
+
+# ---------------------------------------------------------------- adapters
+
+def test_mtt_top50_and_split_by_directory():
+    pd = pytest.importorskip("pandas")
+    ann = load_annotations("mtt", FIX / "mtt")
+    ref = pd.read_csv(FIX / "mtt" / "annotations_final.csv", sep="\t")
+    counts = ref.drop(columns=["clip_id", "mp3_path"]).sum()
+    expected = list(counts.sort_values(ascending=False, kind="stable").index[:50])
+    assert ann.tags == expected  # by count over the whole file, ties in column order
+    assert ann.labels.shape == (len(ref), 50)
+    np.testing.assert_array_equal(ann.labels, ref[expected].to_numpy())
+    assert ann.paths == list(ref["mp3_path"])  # unquoted
+    first = [p[0] for p in ann.paths]
+    for p, s in zip(first, ann.splits):
+        assert s == ("validation" if p == "c" else "test" if p in "def" else "train")
+    assert ann.counts() == {"train": 24, "validation": 3, "test": 6}  # 12:1:3 folders, 2 clips each + 1
+    untagged = ann.paths.index("c/silent_artist-no_tags-01-nothing-0-29.mp3")
+    assert ann.labels[untagged].sum() == 0  # a clip with no tag stays (as in the authors' split)
+
+
+def test_mtt_malformed_lines_are_skipped_and_reported(tmp_path):
+    lines = (FIX / "mtt" / "annotations_final.csv").read_text().splitlines()
+    lines[3] = "\t".join(lines[3].split("\t")[:-5])  # truncated row
+    lines[4] = lines[4].replace('"f/', '"z/').replace('"0/', '"z/').replace('"1/', '"z/')
+    (tmp_path / "annotations_final.csv").write_text("\n".join(lines) + "\n")
+    ann = load_annotations("mtt", tmp_path)
+    assert len(ann.paths) == len(lines) - 3
+    assert any(":4: skipped" in n for n in ann.notes) and any(":5: skipped" in n for n in ann.notes)
+    (tmp_path / "annotations_final.csv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(UsageError, match="not MagnaTagATune"):
+        load_annotations("mtt", tmp_path)
+
+
+def test_mtg_jamendo_split_files():
+    ann = load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo")
+    train_tags = set()
+    raw = (FIX / "mtg-jamendo/data/splits/split-0/autotagging_genre-train.tsv").read_text().splitlines()[1:]
+    for line in raw:
+        train_tags |= {t.strip() for t in line.split("\t")[5:] if t.strip()}
+    assert ann.tags == sorted(train_tags)  # vocabulary: union over the train file, no CR left
+    assert all(not t.endswith("\r") for t in ann.tags)
+    assert ann.counts() == {"train": 18, "validation": 6, "test": 5}
+    assert ann.paths[0] == "14/214.mp3"
+    no_tags = [p for p, row in zip(ann.paths, ann.labels) if row.sum() == 0]
+    assert no_tags == ["29/229.mp3", "89/289.mp3"]  # rows with no TAGS field at all
+    i = ann.paths.index("92/292.mp3")  # genre---funk + genre---rock: funk is not in train
+    assert ann.labels[i].tolist() == [int(t == "genre---rock") for t in ann.tags]
+    assert any("genre---funk" in n for n in ann.notes)
+    top = load_annotations("mtg-jamendo-top50", FIX / "mtg-jamendo")  # files are named ...top50tags...
+    assert "mood/theme---calm" in top.tags and "instrument---guitar" in top.tags
+    # the split folder itself, or data/splits, works as root too
+    assert load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo/data/splits/split-0").paths == ann.paths
+    assert load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo/data/splits").paths == ann.paths
+
+
+def test_mtg_jamendo_missing_files_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="split-1"):
+        load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo", split=1)
+    with pytest.raises(UsageError, match="autotagging_instrument-train.tsv: no such file"):
+        load_annotations("mtg-jamendo-instrument", FIX / "mtg-jamendo")
+    with pytest.raises(UsageError, match="no such file or directory"):
+        load_annotations("mtg-jamendo-genre", tmp_path / "nope")
+    with pytest.raises(UsageError, match="unknown dataset 'msd'"):
+        load_annotations("msd", tmp_path)
+
+
+def test_custom_csv_and_tsv():
+    ann = load_annotations("custom", FIX / "custom" / "labels.csv")
+    assert ann.paths == ["songs/a.wav", "songs/b.wav", "songs/c, live.flac", "songs/d.mp3", "songs/e.mp3",
+                         "songs/f.mp3"]
+    assert ann.tags == ["jazz", "piano", "pop", "rock"]
+    assert ann.splits.tolist() == ["train"] * 3 + ["validation"] + ["test"] * 2
+    assert ann.labels.tolist() == [[0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 1, 0],
+                                   [0, 0, 0, 0]]
+    assert any("metal" in n for n in ann.notes)
+    tsv = load_annotations("custom", FIX / "custom" / "labels.tsv")
+    assert tsv.tags == ann.tags and tsv.labels.tolist() == ann.labels[:5].tolist()
+
+
+def test_custom_bad_files(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("file,split,tags\na.mp3,train,rock\n")
+    with pytest.raises(UsageError, match="needs columns path, split and tags"):
+        load_annotations("custom", p)
+    p.write_text("path,split,tags\na.mp3,train,rock\nb.mp3,holdout,rock\n")
+    with pytest.raises(UsageError, match=r"l.csv:3: split 'holdout'"):
+        load_annotations("custom", p)
+
+
+def test_track_key_ignores_audio_extension():
+    assert track_key("48/948.mp3") == track_key("48/948.low.mp3") == track_key("./48/948.wav") == "48/948"
+    assert track_key("f/a-b-01-c-0-29.mp3") == "f/a-b-01-c-0-29"
+    assert track_key("x\\y.flac") == "x/y"
+
+
+# ---------------------------------------------------------------- embeddings and join
+
+def test_segment_rows_are_averaged_per_track(tmp_path):
+    d = tmp_path / "emb"
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    write_embeddings(d, ["a.mp3", "a.mp3", "b.mp3", "a.mp3", "b.mp3", "a.mp3"], x, segments=[0, 1, 0, 2, 1, 2])
+    write_embeddings(d, ["zz.mp3"], np.full((1, 2), 99.0), name="_partial.parquet")  # not data
+    emb = open_embeddings(d)
+    assert emb.segment_rows and emb.dim == 2 and emb.paths == ["a.mp3", "b.mp3"]
+    assert any("duplicate segment" in n for n in emb.notes)  # a.mp3 segment 2 twice: counted once
+    m = emb.matrix(np.array([1, 0]))
+    np.testing.assert_allclose(m[0], x[[2, 4]].mean(0))
+    np.testing.assert_allclose(m[1], x[[0, 1, 3]].mean(0))
+    assert describe_embeddings(emb.metadata) == {"model": "maest-30s-pw", "block": 7, "tokens": "cls+dist+avg",
+                                                 "preset": "none"}
+
+
+def test_null_embeddings_and_mixed_settings(tmp_path):
+    d = tmp_path / "emb"
+    d.mkdir()
+    emb_col = pa.array([[1.0, 2.0], None, [5.0, 6.0]], type=pa.list_(pa.float32(), 2))
+    t = pa.table({"path": ["a.mp3", "b.mp3", "c.mp3"], "root": ["/r"] * 3, "embedding": emb_col})
+    pq.write_table(t.replace_schema_metadata({b"maest": json.dumps(META).encode()}), d / "p.parquet")
+    emb = open_embeddings(d)
+    m = emb.matrix(np.arange(3))
+    np.testing.assert_array_equal(m[[0, 2]], [[1, 2], [5, 6]])
+    assert np.isnan(m[1]).all()  # no usable row: NaN, left out with a note by prepare_data
+    write_embeddings(d, ["d.mp3"], np.ones((1, 2)), meta={**META, "block": 11}, name="q.parquet")
+    with pytest.raises(UsageError, match="different settings"):
+        open_embeddings(d)
+
+
+def test_join_matches_changed_extensions_and_extra_folders(tmp_path):
+    ann = load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo")
+    keep = ann.paths[:-3]  # 3 labelled tracks never extracted
+    emb_paths = [f"audio/{p[:-4]}.low.mp3" if i % 2 else p for i, p in enumerate(keep)] + ["00/extra.mp3"]
+    write_embeddings(tmp_path / "emb", emb_paths, np.zeros((len(emb_paths), 4)))
+    j = join_tracks(ann, open_embeddings(tmp_path / "emb"))
+    assert j.n_matched == len(keep) and j.n_labelled == len(ann.paths)
+    assert j.report()["labelled_without_embedding"] == 3 and j.n_embeddings_without_label == 1
+    assert j.embeddings_without_label == ["/data/audio/00/extra.mp3"]
+    assert j.labels_without_embedding == ann.paths[-3:]
+
+
+def test_join_that_matches_almost_nothing_is_an_error(tmp_path):
+    ann = load_annotations("mtt", FIX / "mtt")
+    write_embeddings(tmp_path / "emb", [f"clips/{i}.wav" for i in range(20)] + ann.paths[:2], np.zeros((22, 4)))
+    with pytest.raises(UsageError) as e:
+        join_tracks(ann, open_embeddings(tmp_path / "emb"))
+    msg = str(e.value)
+    assert "\n" not in msg and "only 2 of 33" in msg
+    assert repr(ann.paths[0]) in msg and "'clips/0.wav'" in msg  # examples of both sides
+
+
+# ---------------------------------------------------------------- metrics and schedule
+
+def test_metrics_by_hand():
+    y = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]])
+    s = np.array([[0.9, 0.1, 0.3], [0.8, 0.2, 0.2], [0.4, 0.3, 0.1], [0.1, 0.4, 0.0]])
+    # column 0: positives {0.9, 0.4}, negatives {0.8, 0.1}: 3 of 4 pairs ordered -> 0.75;
+    # ranking P N P N -> AP = (1/1 + 2/3) / 2. Columns 1 (all 0) and 2 (all 1) are excluded.
+    roc, ap = per_tag_scores(y, s)
+    assert roc[0] == pytest.approx(0.75) and ap[0] == pytest.approx(5 / 6)
+    assert np.isnan(roc[1:]).all() and np.isnan(ap[1:]).all()
+    m = macro_scores(y, s)
+    assert m["roc_auc"] == pytest.approx(0.75) and m["pr_auc"] == pytest.approx(5 / 6)
+    assert m["evaluable"].tolist() == [True, False, False]
+    assert fast_macro_roc_auc(y, s) == pytest.approx(0.75)
+    # ties count one half: positives {0.5, 0.9} vs negatives {0.5, 0.1}: (0.5 + 1 + 1 + 1) / 4
+    assert fast_macro_roc_auc(np.array([[1], [0], [1], [0]]), np.array([[0.5], [0.5], [0.9], [0.1]])) == 0.875
+    assert math.isnan(fast_macro_roc_auc(np.zeros((3, 2)), np.ones((3, 2))))
+
+
+def test_fast_auc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 7)) < 0.2).astype(int)
+    s = np.round(rng.random((300, 7)) + y * 0.3, 1)  # many ties
+    expected = np.mean([roc_auc_score(y[:, c], s[:, c]) for c in range(7)])
+    assert fast_macro_roc_auc(y, s) == pytest.approx(expected, abs=1e-12)
+
+
+def test_column_stats_in_blocks():
+    x = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32) * 5 + 100
+    mean, std = column_stats(x, chunk=64)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, x.astype(np.float64).std(0), rtol=1e-10)
+
+
+def test_learning_rate_schedule():
+    p = Protocol()
+    lr = lambda t: lr_at(t, 1e-3, 10, 20, 30, p)  # noqa: E731  30 epochs: 10 warm, 10 hold, 10 decay
+    assert lr(0) == pytest.approx(1e-5) and lr(5) == pytest.approx(1e-4)  # exponential: geometric mean
+    assert lr(10) == lr(15) == lr(19.99) == 1e-3
+    assert lr(25) == pytest.approx(1e-3 * (1 - 0.99 / 2)) and lr(30) == pytest.approx(1e-5)
+    assert p.phases(30) == (10, 10) and p.phases(80) == (10, 10) and p.phases(9) == (3, 3)
+    name, proto, configs = load_grid("paper")
+    assert len(configs) == 3 * 6 * 2 * 4 and proto.weight_decay == 1e-3
+    assert load_grid("none")[2] == [ProbeConfig(128, 60, 0.5, 1e-4)]
+    with pytest.raises(UsageError, match="--grid 'huge'"):
+        load_grid("huge")
+
+
+# ---------------------------------------------------------------- training
+
+def test_forked_runs_equal_separate_runs():
+    x, y, splits = linear_task(n=600, dim=16, n_tags=3)
+    data = make_data(x, y, splits)
+    proto = Protocol(hidden=32, warmup_epochs=2, decay_epochs=2)
+    dev = torch.device("cpu")
+    tree = train_runs(data, 50, 0.5, 1e-3, [6, 9], seed=3, protocol=proto, device=dev)
+    for e, r in zip([6, 9], tree):
+        alone = train_runs(data, 50, 0.5, 1e-3, [e], seed=3, protocol=proto, device=dev)[0]
+        assert r.val_history == alone.val_history and r.loss_history == alone.loss_history
+        assert r.best_epoch == alone.best_epoch and len(r.val_history) == e
+        for k in r.state:
+            assert torch.equal(r.state[k], alone.state[k])
+
+
+@pytest.mark.parametrize("random_labels", [False, True])
+def test_probe_learns_linear_tags_and_not_random_ones(tmp_path, random_labels):
+    x, y, splits = linear_task(random_labels=random_labels, seed=int(random_labels))
+    labels, emb = write_custom_task(tmp_path, x, y, splits)
+    res = probe("custom", dataset_root=labels, embeddings=emb, grid=tiny_grid(tmp_path, epochs=(12,)), seeds=2,
+                device="cpu", out=tmp_path / "out")
+    auc = res["test"]["roc_auc"]["mean"]
+    if random_labels:
+        assert abs(auc - 0.5) < 0.08
+    else:
+        assert auc > 0.95 and res["test"]["pr_auc"]["mean"] > 0.8
+    assert res["test"]["n_seeds"] == 2 and len(res["test"]["roc_auc"]["values"]) == 2
+    # `rare` is positive in train only: excluded from validation and test, reported, no crash
+    assert res["excluded_tags"]["test"] == ["rare"] and res["excluded_tags"]["validation"] == ["rare"]
+    rare = next(t for t in res["per_tag"] if t["tag"] == "rare")
+    assert rare["test_roc_auc"] is None and rare["n_positive_train"] > 0
+
+
+def test_selection_uses_validation_only(tmp_path):
+    """Inverting the test labels turns the best test setting into the worst. The selected
+    setting and every validation score must not move; only the test scores may."""
+    x, y, splits = linear_task(n=1500, seed=4)
+    grid = tiny_grid(tmp_path, lrs=(1e-5, 3e-4, 1e-2), dropouts=(0.5,), epochs=(6, 9))
+    runs = []
+    for name, flip in (("a", False), ("b", True)):
+        yy = y.copy()
+        if flip:
+            yy[splits == "test"] = 1 - yy[splits == "test"]
+        d = tmp_path / name
+        d.mkdir()
+        labels, emb = write_custom_task(d, x, yy, splits, rare_train_tag=False)
+        runs.append(probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu"))
+    a, b = runs
+    assert a["selected"]["key"] == b["selected"]["key"]
+    assert [p["val_roc_auc_per_epoch"] for p in a["grid"]["points"]] == \
+        [p["val_roc_auc_per_epoch"] for p in b["grid"]["points"]]
+    assert b["test"]["roc_auc"]["mean"] == pytest.approx(1 - a["test"]["roc_auc"]["mean"], abs=1e-9)
+    # the check has teeth: scored on the inverted test labels, another setting would have won
+    data = make_data(x, np.where((splits == "test")[:, None], 1 - y, y), splits)
+    _, proto, configs = load_grid(grid)
+    test_auc = {}
+    for c in configs:
+        r = train_runs(data, c.batch_size, c.dropout, c.lr, [c.epochs], 0, proto, torch.device("cpu"))[0]
+        test_auc[c.key()] = fast_macro_roc_auc(data.splits["test"].y_np, logits_of(r.state, data.splits["test"].x))
+    assert max(test_auc, key=test_auc.get) != b["selected"]["key"]
+
+
+def test_diverging_runs_are_reported_not_fatal(tmp_path):
+    x, y, splits = linear_task(n=600, seed=1)
+    labels, emb = write_custom_task(tmp_path, x, y, splits)
+    res = probe("custom", dataset_root=labels, embeddings=emb, grid=tiny_grid(tmp_path, lrs=(3e-3, 1e30), epochs=(6,)),
+                seeds=1, device="cpu")
+    bad = res["grid"]["points"][1]
+    assert bad["diverged"] and bad["val_roc_auc"] is None and bad["best_epoch"] == 0
+    assert res["selected"]["lr"] == 3e-3
+    with pytest.raises(ProbeError, match="every run of the grid diverged"):
+        probe("custom", dataset_root=labels, embeddings=emb, grid=tiny_grid(tmp_path, lrs=(1e30,), epochs=(3,)),
+              seeds=1, device="cpu")
+
+
+def test_outputs_weights_resume_and_compare(tmp_path):
+    x, y, splits = linear_task(n=1200, seed=2)
+    labels, emb = write_custom_task(tmp_path, x, y, splits)
+    grid = tiny_grid(tmp_path, lrs=(3e-4, 1e-3), epochs=(6,))
+    out = tmp_path / "out"
+    full = probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu", out=out,
+                 threads=2)
+    assert torch.get_num_threads() == 1  # --threads does not leak into the caller's process
+    assert full["environment"]["threads"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["probe.safetensors", "results.json"]  # no temp/state left
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(full))
+    assert len(saved["grid"]["points"]) == 2 and all("val_roc_auc" in p for p in saved["grid"]["points"])
+    assert saved["model"] == "maest-30s-pw" and saved["block"] == 7 and saved["preset"] == "none"
+    assert saved["dataset"]["join"]["matched"] == len(x)
+    assert len(saved["per_tag"]) == 6 and saved["embeddings"]["dim"] == 32
+    # the saved probe holds the train-split statistics and reproduces the test score from raw embeddings
+    trained = load_probe(out)
+    train = splits == "train"
+    np.testing.assert_allclose(trained.mean.numpy(), x[train].mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(trained.std.numpy(), x[train].std(0), rtol=1e-5)
+    assert trained.tags == ["rare"] + [f"tag{c}" for c in range(5)]
+    test = splits == "test"
+    yt = np.concatenate([np.zeros((len(y), 1), np.uint8), y], 1)[test]  # `rare` is never positive in test
+    assert macro_scores(yt, trained.predict(x[test]))["roc_auc"] == pytest.approx(full["test"]["roc_auc"]["mean"],
+                                                                                  abs=1e-6)
+    # interrupted after the first group of runs: the rerun skips it and ends the same
+    out2 = tmp_path / "out2"
+    calls = []
+
+    def stop_after_first_group(msg):
+        calls.append(msg)
+        if msg.startswith("[1/2]"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu", out=out2,
+              log=stop_after_first_group)
+    assert (out2 / ".probe-state" / "state.json").is_file()
+    logs = []
+    again = probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu", out=out2,
+                  log=logs.append)
+    assert any(m.startswith("resuming: 1 grid points") for m in logs)
+    assert not any(m.startswith("[1/2]") for m in logs)
+    assert again["grid"]["points"] == full["grid"]["points"] and again["test"] == full["test"]
+    assert not (out2 / ".probe-state").exists()
+    # a state is only reused for the very same inputs: touching an embeddings file invalidates it
+    from maest_cli.probe import _fingerprint
+
+    part = next(emb.glob("*.parquet"))
+    before = _fingerprint("x", [part])
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 1000))
+    assert _fingerprint("x", [part]) != before
+    # --compare
+    r = CliRunner().invoke(app, ["probe", "--compare", str(out / "results.json"), str(out2 / "results.json")])
+    assert r.exit_code == 0, r.output
+    assert "comparison" in r.output and "+0.0" in r.output
+    r = CliRunner().invoke(app, ["probe", "--compare", str(labels)])
+    assert r.exit_code == 2 and "not JSON" in r.output
+
+
+def test_cli_probe_and_errors(tmp_path):
+    x, y, splits = linear_task(n=800, seed=5)
+    labels, emb = write_custom_task(tmp_path, x, y, splits)
+    grid = tiny_grid(tmp_path, epochs=(6,))
+    runner = CliRunner()
+    out = tmp_path / "res"
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb), "--dataset-root", str(labels),
+                            "--grid", grid, "--seeds", "2", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "maest-30s-pw" in r.output and "ROC-AUC" in r.output and "±" in r.output
+    assert (out / "results.json").is_file() and (out / "probe.safetensors").is_file()
+    base = ["--embeddings", str(emb), "--dataset-root", str(labels), "--grid", grid, "--out", str(out)]
+    r = runner.invoke(app, ["probe", "msd", *base])
+    assert r.exit_code == 2 and "unknown dataset 'msd'" in r.output
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb), "--dataset-root", str(tmp_path / "no.tsv")])
+    assert r.exit_code == 2 and "no.tsv" in r.output
+    r = runner.invoke(app, ["probe", "mtt", "--embeddings", str(emb), "--dataset-root", str(FIX / "mtt")])
+    assert r.exit_code == 2 and "labelled tracks (mtt) have an embedding" in r.output
+    r = runner.invoke(app, ["probe", "custom", *base, "--grid", "huge"])
+    assert r.exit_code == 2
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.parquet").write_bytes(b"not parquet at all")
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(tmp_path / "broken"), "--dataset-root",
+                            str(labels), "--grid", grid, "--out", str(out)])
+    assert r.exit_code == 1 and "broken" in r.output
+
+
+# ---------------------------------------------------------------- --audio-root (extract first)
+
+def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
+    """A stand-in for `maest_cli.extract.extract` with its agreed signature: probe must call it
+    on the audio root with the paper's pooling, then read what it wrote."""
+    x, y, splits = linear_task(n=800, seed=6)
+    paths = [f"{i % 100:02d}/{i}.wav" for i in range(len(x))]
+    labels, _ = write_custom_task(tmp_path, x, y, splits, ext=".wav")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    calls = []
+
+    def fake_extract(paths_arg, out, *, model=None, preset="none", time_keep_every=None, drop_freq_rows=None,
+                     block=7, tokens=("cls", "dist", "avg"), pool="track", hop="half", scores=False,
+                     device="auto", dtype="auto", workers=1, batch_size=1, extensions=None, overwrite=False,
+                     shard=None, progress=True, registry=None):
+        calls.append(dict(paths=paths_arg, out=out, model=model, preset=preset, block=block, tokens=tokens,
+                          pool=pool, hop=hop, overwrite=overwrite))
+        write_embeddings(Path(out), paths, x, root=str(paths_arg[0]),
+                         meta={"model": model, "block": block, "tokens": list(tokens), "preset": preset})
+        return {"ok": len(paths)}
+
+    monkeypatch.setitem(sys.modules, "maest_cli.extract", types.SimpleNamespace(extract=fake_extract))
+    r = CliRunner().invoke(app, ["probe", "custom", "--audio-root", str(audio), "--dataset-root", str(labels),
+                                 "--grid", tiny_grid(tmp_path, epochs=(6,)), "--seeds", "1", "--device", "cpu",
+                                 "--out", str(tmp_path / "res"), "--model", "tiny.safetensors", "--block", "5"])
+    assert r.exit_code == 0, r.output
+    assert calls == [dict(paths=[str(audio)], out=str(tmp_path / "res" / "embeddings"), model="tiny.safetensors",
+                          preset="none", block=5, tokens=("cls", "dist", "avg"), pool="track", hop="half",
+                          overwrite=False)]
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert res["model"] == "tiny.safetensors" and res["block"] == 5
+    assert res["dataset"]["join"]["matched"] == len(x)
+
+
+def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
+    """End to end with the real `maest extract` and a tiny random model (skipped until it exists)."""
+    pytest.importorskip("maest_cli.extract")
+    from conftest import write_audio
+
+    audio = tmp_path / "audio"
+    rows = ["path\tsplit\ttags"]
+    for i in range(12):
+        (audio / f"{i % 3}").mkdir(parents=True, exist_ok=True)
+        write_audio(audio / f"{i % 3}" / f"{i}.wav", 2.0, sr=16000, seed=i)
+        split = "train" if i < 6 else "validation" if i < 9 else "test"
+        rows.append(f"{i % 3}/{i}.mp3\t{split}\t{'a' if i % 2 else 'b'}")
+    (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
+    res = probe("custom", dataset_root=tmp_path / "labels.tsv", audio_root=audio, out=tmp_path / "res",
+                grid=tiny_grid(tmp_path, epochs=(3,), batch=(4,)), seeds=1, device="cpu",
+                extract_options={"model": tiny_model_file, "block": 2, "progress": False})
+    assert res["dataset"]["join"]["matched"] == 12
+    assert res["embeddings"]["dim"] == 3 * 64 and res["block"] == 2
