@@ -148,16 +148,255 @@ def models_info(
 
 
 # ------------------------------------------------------------------ extract
-# (extract command goes here)
+
+@app.command()
+def extract(
+    paths: list[Path] = typer.Argument(..., help="Audio files or directories (walked recursively, sorted).",
+                                       show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output Parquet dataset directory (resumable)."),
+    model: Optional[str] = typer.Option(None, help="Model name, alias or weights file; default: the registry "
+                                        "default (MAEST-30s)."),
+    patchout: str = typer.Option("none", "--patchout", help="Speed preset: none (exact), fast, faster, fastest "
+                                 "(configs/presets.toml)."),
+    time_keep_every: Optional[int] = typer.Option(None, "--time-keep-every", help="Expert: keep every Nth time "
+                                                  "column (overrides the preset)."),
+    drop_freq_rows: Optional[str] = typer.Option(None, "--drop-freq-rows", help="Expert: frequency rows to drop, "
+                                                 "e.g. 0,8 ('none': drop none; overrides the preset)."),
+    block: int = typer.Option(7, help="Embedding after this many transformer blocks (7: the paper's best)."),
+    tokens: str = typer.Option("cls,dist,avg", help="Tokens to concatenate: cls, dist, avg (mean of patches)."),
+    pool: str = typer.Option("track", help="track: one row per file (mean over segments); segment: one per segment."),
+    hop: str = typer.Option("half", help="Segment hop: half, full or seconds."),
+    scores: bool = typer.Option(False, "--scores", help="Add the sigmoid Discogs style activations."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 where native, else fp32), fp32, bf16, fp16 (GPU)."),
+    workers: int = typer.Option(1, help="Decoder processes (0: decode in the main process)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Segments per forward (CPU: 1 is fastest)."),
+    ext: Optional[str] = typer.Option(None, "--ext", help="Extensions to take from directories, e.g. mp3,wav "
+                                      "(default: every decodable format)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard what DIR holds and start again."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process part I of N of the files (torchrun: "
+                                        "RANK/WORLD_SIZE)."),
+    files_per_part: int = typer.Option(512, "--files-per-part", hidden=True, help="Audio files per Parquet part."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no per-file error lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout."),
+) -> None:
+    """Embed directories of audio into a Parquet dataset (resumable, shardable)."""
+    with errors_to_exit_codes():
+        from .extract import extract as run_extract
+
+        summary = run_extract(
+            [str(p) for p in paths], out, model=model, preset=patchout, time_keep_every=time_keep_every,
+            drop_freq_rows=drop_freq_rows, block=block, tokens=tokens, pool=pool, hop=hop, scores=scores,
+            device=device, dtype=dtype, workers=workers, batch_size=batch_size,
+            extensions=ext.split(",") if ext else None, overwrite=overwrite, shard=shard,
+            progress=not quiet, files_per_part=files_per_part)
+        if as_json:
+            print(summary.to_json())
+        if not quiet:
+            err.print(f"maest: {out}: {summary.n_done} files embedded ({summary.audio_seconds / 60:.1f} audio-min, "
+                      f"{summary.audio_min_per_s:.2f} audio-min/s), {summary.n_skipped} already there, "
+                      f"{summary.n_failed} failed", markup=False, soft_wrap=True)
+        if summary.n_failed:
+            err.print(f"maest: {summary.n_failed} failed; see {summary.errors_file}", markup=False, soft_wrap=True)
+            raise typer.Exit(1)
 
 # ------------------------------------------------------------------ prepare-mels
-# (prepare-mels command goes here)
+
+@app.command("prepare-mels")
+def prepare_mels_cmd(
+    paths: list[Path] = typer.Argument(None, help="AUDIO_ROOT; with --verify: DATASET_DIR; with --merge: the PARTs.",
+                                       show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset directory to write (or finish)."),
+    labels: list[Path] = typer.Option(None, "--labels", help="Label file: TSV path<TAB>tags[,...], MTG-Jamendo "
+                                      "split TSVs, or MagnaTagATune annotations_final.csv. Repeatable."),
+    vocabulary: Optional[str] = typer.Option(None, help="Fix the label list (name in configs/labels or a file); "
+                                             "other tags are reported as unknown."),
+    top_k: int = typer.Option(50, "--top-k", help="MagnaTagATune: keep the K most frequent tags."),
+    crop: str = typer.Option("center:30", help="center:SECONDS (the paper: the central 30 s) or full."),
+    shard_size: str = typer.Option("2GB", help="Largest shard file, e.g. 2GB, 512MB."),
+    workers: int = typer.Option(1, help="Decoding processes."),
+    split_by: str = typer.Option("artist", help="artist (artist-disjoint), none (by track) or mtt-directory "
+                                 "(MagnaTagATune 12:1:3); label files with splits win."),
+    val_fraction: float = typer.Option(0.1, help="Share of tracks for validation (when splits are drawn)."),
+    test_fraction: float = typer.Option(0.1, help="Share of tracks for test (when splits are drawn)."),
+    seed: int = typer.Option(0, help="Seed of the split draw."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: do part I of N of the input (join with --merge)."),
+    verify: bool = typer.Option(False, "--verify", help="Check DATASET_DIR against its shards; exit 1 on a problem."),
+    merge: bool = typer.Option(False, "--merge", help="Join the PART directories of a --shard run into --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Audio files -> sharded float16 log-mel memmaps with an index, for training (resumable)."""
+    with errors_to_exit_codes():
+        from .meldataset import DatasetError
+        from .mels import merge_datasets, prepare_mels, verify_dataset
+        from .runtime import UsageError
+
+        paths = list(paths or [])
+        if verify and merge:
+            raise UsageError("--verify and --merge do not go together")
+        if verify:
+            if len(paths) != 1:
+                raise UsageError("--verify takes one DATASET_DIR")
+            problems = verify_dataset(paths[0])
+            for line in problems:
+                print(line)
+            if problems:
+                print(f"maest: {paths[0]}: {len(problems)} problems", file=sys.stderr)
+                raise typer.Exit(1)
+            print(f"maest: {paths[0]}: ok", file=sys.stderr)
+            return
+        if out is None:
+            raise UsageError("--out DATASET_DIR is required")
+        try:
+            if merge:
+                summary = merge_datasets(paths, out, progress=not quiet)
+            else:
+                if len(paths) != 1:
+                    raise UsageError("give one AUDIO_ROOT (or --verify DATASET_DIR, or --merge PART... --out DIR)")
+                summary = prepare_mels(paths[0], out, labels=labels or None, vocabulary=vocabulary, top_k=top_k,
+                                       crop=crop, shard_size=shard_size, workers=workers, split_by=split_by,
+                                       val_fraction=val_fraction, test_fraction=test_fraction, shard=shard,
+                                       seed=seed, progress=not quiet)
+        except DatasetError as e:
+            print_error(e)
+            raise typer.Exit(1) from None
+        problems = summary.get("verify_problems") or []
+        for line in problems:
+            print(line)
+        splits = ", ".join(f"{k} {v}" for k, v in summary.get("written_per_split", {}).items())
+        rate = summary.get("audio_minutes_per_s")
+        print(f"maest: {out}: {summary['written']} tracks in {summary['shards']} shards ({splits})"
+              + (f", {rate} audio-min/s" if rate else "")
+              + (" (already complete)" if summary.get("already_complete") else ""), file=sys.stderr)
+        if summary["failed"]:
+            print(f"maest: {summary['failed']} files failed, see {out / 'errors.tsv'}", file=sys.stderr)
+        if summary["failed"] or problems:
+            raise typer.Exit(1)
 
 # ------------------------------------------------------------------ train
-# (train command goes here)
+
+@app.command("train")
+def train_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="A `maest prepare-mels` dataset directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to create (checkpoints, metrics, state)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Recipe: tiny, maest-5s/10s/20s/30s (configs/train) "
+                                         "or a TOML file. Default: maest-30s."),
+    init: Optional[str] = typer.Option(None, "--init", help="random, or a local weights file: MAEST (.ckpt, "
+                                       "safetensors, HF), PaSST or DeiT; a model name only if already cached."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (overrides the recipe)."),
+    epoch_len: Optional[int] = typer.Option(None, "--epoch-len", help="Tracks drawn per epoch."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per process per step."),
+    nproc: int = typer.Option(1, "--nproc", help="Local processes (torchrun): GPUs, or CPU processes over gloo."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its "
+                                          "last saved state."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the init, the epoch draws and augmentations."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, bf16, fp16 (GPU)."),
+    sets: list[str] = typer.Option(None, "--set", help="Any recipe key, e.g. --set lr=1e-4 (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (epoch lines still print)."),
+) -> None:
+    """Train MAEST with patchout on a mel dataset (resumable; --nproc N for DDP)."""
+    with errors_to_exit_codes():
+        from .runtime import UsageError
+        from .train_config import load_train_config, parse_set
+
+        if nproc < 1:
+            raise UsageError("--nproc must be 1 or more")
+        overrides = {**parse_set(sets), **{k: v for k, v in dict(
+            init=init, epochs=epochs, epoch_len=epoch_len, batch_size=batch_size, device=device, seed=seed,
+            dtype=dtype).items() if v is not None}}
+        from .train import TrainError, in_launched_worker, launch, train, worker_args
+
+        if nproc > 1 and not in_launched_worker():
+            # Fail on usage errors here, before N processes start and fail alike.
+            if resume is None:
+                load_train_config(config or "maest-30s", overrides)
+                if data is None or out is None:
+                    raise UsageError("--data DATASET_DIR and --out RUN_DIR are required (or --resume RUN_DIR)")
+                from .meldataset import DatasetError, MelDataset
+
+                try:
+                    MelDataset(data)
+                except DatasetError as e:
+                    raise UsageError(f"--data: {e}") from None
+            code = launch(nproc, worker_args(data, out, config, init, epochs, epoch_len, batch_size, device,
+                                             resume, seed, dtype, sets) + (["--quiet"] if quiet else []))
+            raise typer.Exit(code)
+        try:
+            summary = train(data, out, config, overrides, resume=resume, progress=not quiet)
+        except TrainError as e:
+            print_error(e)
+            raise typer.Exit(1) from None
+        if "already_complete" not in summary and summary["rank"] == 0:
+            b = summary["best"]
+            best = f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']}" if b.get("value") is not None else ""
+            err.print(f"maest: {summary['run_dir']}: {summary['epochs']} epochs, {summary['global_step']} steps"
+                      + (f"; {best}" if best else ""), markup=False, highlight=False)
 
 # ------------------------------------------------------------------ probe
-# (probe command goes here)
+
+@app.command("probe")
+def probe_cmd(
+    args: list[str] = typer.Argument(None, metavar="DATASET | RESULTS.json...",
+                                     help="mtt, mtg-jamendo-{genre,instrument,moodtheme,top50} or custom; "
+                                          "with --compare: results.json files."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", "-e",
+                                              help="`maest extract` output folder (the cache with --audio-root)."),
+    dataset_root: Optional[Path] = typer.Option(None, "--dataset-root",
+                                                help="mtt: folder of annotations_final.csv; MTG-Jamendo: clone of "
+                                                     "mtg-jamendo-dataset; custom: the TSV/CSV file."),
+    audio_root: Optional[Path] = typer.Option(None, "--audio-root", help="Extract from this audio folder first."),
+    split: int = typer.Option(0, "--split", help="MTG-Jamendo split number."),
+    grid: str = typer.Option("quick", "--grid", help="paper, quick, none, or a grid TOML file."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds of the selected setting (mean and std)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: probe-DATASET)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    min_match: float = typer.Option(0.5, "--min-match", help="Least share of labelled tracks that must have "
+                                                            "an embedding."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore the state of an interrupted run in --out."),
+    compare: bool = typer.Option(False, "--compare", help="Print results.json files side by side."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --audio-root: model name or weights file."),
+    patchout: str = typer.Option("none", "--patchout", help="With --audio-root: speed preset (as extract)."),
+    block: int = typer.Option(7, "--block", help="With --audio-root: embeddings after this many blocks."),
+    tokens: str = typer.Option("cls,dist,avg", "--tokens", help="With --audio-root: tokens to stack."),
+    dtype: str = typer.Option("auto", "--dtype", help="With --audio-root: auto, fp32, bf16."),
+    workers: int = typer.Option(1, "--workers", help="With --audio-root: decoding workers."),
+    extract_batch_size: int = typer.Option(1, "--extract-batch-size", help="With --audio-root: model batch."),
+) -> None:
+    """The paper's downstream evaluation: an MLP probe on embeddings, scored on the test split."""
+    with errors_to_exit_codes():
+        from .runtime import UsageError
+
+        if compare:
+            from .probe_report import compare_table, read_results
+
+            if not args:
+                raise UsageError("--compare needs results.json files")
+            Console(width=None if sys.stdout.isatty() else 200).print(
+                compare_table([(a, read_results(a)) for a in args]))
+            return
+        if not args or len(args) != 1:
+            raise UsageError("give one DATASET (or --compare A.json B.json)")
+        if dataset_root is None:
+            raise UsageError("--dataset-root is required")
+        from .probe import probe
+        from .probe_data import ProbeError
+        from .probe_report import results_table
+
+        try:
+            results = probe(args[0], dataset_root=dataset_root, embeddings=embeddings, audio_root=audio_root,
+                            split=split, grid=grid, seeds=seeds, device=device,
+                            out=out or Path(f"probe-{args[0]}"), threads=threads, min_match=min_match,
+                            resume=not fresh, log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
+                            extract_options={"model": model, "preset": patchout, "block": block,
+                                             "tokens": tuple(t for t in tokens.split(",") if t), "dtype": dtype,
+                                             "workers": workers, "batch_size": extract_batch_size,
+                                             "device": device})
+        except ProbeError as e:
+            err.print(f"maest: error: {e}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        Console(width=None if sys.stdout.isatty() else 200).print(results_table(results))
 
 # ------------------------------------------------------------------ bench
 
