@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aif", ".
 DECODE_BLOCK = 1 << 18
 # Audio decoded before a crop's start so the resampler's filter has settled when it begins.
 RESAMPLER_PREROLL_S = 0.1
-# A file that decodes this much (or 2%) shorter than its header says is reported as truncated
-# (a cut-off MP3 with a Xing header decodes without error, just shorter).
+# A file that decodes this much shorter than its header reliably declares is truncated (a
+# cut-off MP3 with a Xing header decodes without error, just shorter).
 TRUNCATION_TOLERANCE_S = 1.0
 
 
@@ -51,30 +52,40 @@ class AudioInfo:
         return self.frames / self.sample_rate
 
 
-def _open(path: Path) -> sf.SoundFile:
-    """Open with soundfile after the cheap checks, turning every failure into AudioError."""
+def _check_file(path: Path) -> None:
+    """Refuse what is not a readable regular file before a decoder sees it (a FIFO would
+    block the decoder for ever; a directory or socket gives cryptic decoder errors)."""
     try:
-        if not path.exists():
-            raise AudioError(path, "no such file")
-        if path.is_dir():
-            raise AudioError(path, "is a directory, not an audio file")
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AudioError(path, "dangling symlink" if os.path.islink(path) else "no such file", "open") from None
     except PermissionError:
-        raise AudioError(path, "permission denied") from None
+        raise AudioError(path, "permission denied", "open") from None
+    except OSError as e:
+        raise AudioError(path, f"cannot stat ({e.strerror})", "open") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioError(path, "is a directory, not an audio file", "open")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
+        raise AudioError(path, f"not a regular file ({kind})", "open")
     if path.suffix.lower() not in AUDIO_EXTENSIONS:
         raise AudioError(path, f"unsupported extension {path.suffix or '(none)'!r} "
-                               f"(supported: {', '.join(AUDIO_EXTENSIONS)})")
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise AudioError(path, f"cannot stat: {e.strerror}") from None
-    if size == 0:
-        raise AudioError(path, "empty file (0 bytes)")
+                               f"(supported: {', '.join(AUDIO_EXTENSIONS)})", "open")
+    if st.st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)", "open")
     if not os.access(path, os.R_OK):
-        raise AudioError(path, "permission denied")
+        raise AudioError(path, "permission denied", "open")
+
+
+def _open(path: Path) -> sf.SoundFile:
+    """Open with soundfile after the cheap checks, turning every failure into AudioError."""
+    _check_file(path)
     try:
-        f = sf.SoundFile(str(path))
+        # bytes, not str: names that are not valid UTF-8 (old Latin-1 catalogues) must open too
+        f = sf.SoundFile(os.fsencode(path))
     except PermissionError:
-        raise AudioError(path, "permission denied") from None
+        raise AudioError(path, "permission denied", "open") from None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioError(path, f"not a decodable audio file ({_short(e)})") from None
     if f.samplerate <= 0 or f.channels <= 0:
@@ -83,8 +94,39 @@ def _open(path: Path) -> sf.SoundFile:
     return f
 
 
+def declared_frames(path: Path, f: sf.SoundFile) -> int | None:
+    """The length a header promises where the format has a reliable one: FLAC, or an MP3 with
+    a Xing/Info/VBRI frame. Elsewhere decoders estimate (an MP3's length from its size can be
+    several times off), so a shorter decode says nothing there."""
+    if not 0 < f.frames < 2**62:
+        return None
+    if f.format == "FLAC" or (f.format == "MP3" and _mp3_has_length_header(path)):
+        return int(f.frames)
+    return None
+
+
+def _mp3_has_length_header(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(10)
+        offset = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # skip ID3v2 (syncsafe size, optional footer)
+            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+            offset = 10 + size + (10 if head[5] & 0x10 else 0)
+        fh.seek(offset)
+        data = fh.read(4096)
+    i = 0
+    while i + 1 < len(data) and not (data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0):
+        i += 1
+    frame = data[i:i + 200]
+    return b"Xing" in frame or b"Info" in frame or b"VBRI" in frame
+
+
 def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
+    """The library's message on one line, without the path it repeats ("Error opening '...': ")."""
+    msg = " ".join(str(e).split())
+    if msg.startswith("Error opening") and "': " in msg:
+        msg = msg.split("': ", 1)[1]
+    return msg[:200] or type(e).__name__
 
 
 def audio_info(path: str | os.PathLike) -> AudioInfo:
@@ -157,11 +199,10 @@ def iter_audio(
                 yield np.ascontiguousarray(out, dtype=np.float32)
             if last or (want_out is not None and produced >= want_out):
                 break
-        announced = f.frames if 0 < f.frames < 2**62 else 0
-        shortfall = announced - (first_in + decoded)
-        if want_out is None and shortfall > max(rate_in * TRUNCATION_TOLERANCE_S, 0.02 * announced):
+        announced = declared_frames(p, f) if want_out is None else None
+        if announced and announced - (first_in + decoded) > rate_in * TRUNCATION_TOLERANCE_S:
             raise AudioError(p, f"truncated: decoded {(first_in + decoded) / rate_in:.2f} s of the "
-                                f"{announced / rate_in:.2f} s its header announces")
+                                f"{announced / rate_in:.2f} s its header declares")
     if produced == 0:
         raise AudioError(p, "no audio samples" if start_tick == 0 else
                          f"no audio samples after {start_tick / g:.2f} s")

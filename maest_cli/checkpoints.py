@@ -9,7 +9,6 @@ runs with weights_only=True and safetensors has no code path at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .artefacts import fsync_file, sha256_file
+from .frontend import InputNorm
 from .model import MAEST, MaestConfig
 
 FORMAT = "maest-cli/1"
@@ -43,13 +44,9 @@ class Checkpoint:
     sha256: str | None = None
     metadata: dict = field(default_factory=dict)
 
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    @property
+    def input_norm(self) -> InputNorm:
+        return InputNorm.from_metadata(self.metadata)
 
 
 # ---------------------------------------------------------------- reading files safely
@@ -284,8 +281,16 @@ def save_checkpoint(path: str | os.PathLike, model: MAEST, labels: list[str] | N
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; weights are meant to be shared
+    fsync_file(tmp)
     os.replace(tmp, p)
     return p
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, labels: list[str] | None = None,

@@ -1,6 +1,6 @@
 """Decoding in parallel with the model: worker processes turn files into segments.
 
-Each worker decodes whole files (decode, resample, mel, normalise, cut: `segments.py`) and
+Each worker decodes whole files (decode, resample, mel, cut: `segments.py`) and
 sends their segments to the main process over its own pipe, a few segments ahead at most, so
 decoding overlaps the model and memory stays bounded (back-pressure). One pipe per worker,
 not one shared queue: a worker that dies mid-message (a decoder crash on a bad file) can

@@ -1,6 +1,6 @@
 """`maest extract`: directories of audio to a Parquet dataset of MAEST embeddings.
 
-Decoder processes (`decoders.py`) turn files into normalised mel segments (`segments.py`:
+Decoder processes (`decoders.py`) turn files into log-mel segments (`segments.py`:
 the segmentation rule) and send them, a few segments ahead, to the main process, which
 batches segments, runs the model, pools per file and hands rows to the EmbeddingStore
 (`embedding_store.py`: atomic part files, resume, shards). Decoding thus overlaps the model,
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .artefacts import tool_versions
 from .decoders import DecoderPool, InlineDecoder, start_early
 from .embedding_store import FORMAT, EmbeddingStore, Shard
 from .frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
@@ -91,10 +92,11 @@ def parse_rows(rows: str | Sequence[int] | None) -> tuple[int, ...] | None:
 # ------------------------------------------------------------------ model side
 
 class ModelRunner:
-    """Batches of normalised mel segments -> embeddings (and sigmoid scores)."""
+    """Batches of log-mel segments -> input scaling of the model -> embeddings (and sigmoid scores)."""
 
-    def __init__(self, model, device, dtype: str, block: int, tokens: tuple[str, ...], patchout, scores: bool):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model, device, dtype: str, block: int, tokens: tuple[str, ...], patchout, scores: bool,
+                 norm):
+        self.model, self.device, self.dtype, self.norm = model, device, dtype, norm
         self.block, self.tokens, self.scores = block, tokens, scores
         self.patchout = None if patchout is None or patchout.is_identity else patchout
         self.seconds = 0.0
@@ -105,7 +107,7 @@ class ModelRunner:
         from .runtime import autocast
 
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.stack(frames)).to(self.device)
+        x = self.norm.apply(torch.from_numpy(np.stack(frames)).to(self.device))
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = self.model(x, blocks=[self.block], logits=self.scores, patchout=self.patchout)
         emb = out.embedding(self.block, self.tokens).float().cpu().numpy()
@@ -254,24 +256,6 @@ class ExtractSummary:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
 
-def _versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import pyarrow
-    import soundfile
-    import soxr
-    import torch
-
-    try:
-        tool = version("maest-cli")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        from . import __version__ as tool
-    return {"maest_cli": tool, "torch": torch.__version__, "python": platform.python_version(),
-            "numpy": np.__version__, "pyarrow": pyarrow.__version__, "soundfile": soundfile.__version__,
-            "libsndfile": soundfile.__libsndfile_version__, "soxr": soxr.__version__}
-
-
 def _device(device: str):
     import torch
 
@@ -343,7 +327,8 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
     settings = {"format": FORMAT, "model_sha256": lm.sha256, "model_config": cfg.to_dict(), "block": block,
                 "tokens": list(tokens), "pool": pool, "segment_frames": seg_frames, "hop_frames": hop,
                 "time_keep_every": patchout.time_keep_every, "drop_freq_rows": list(patchout.drop_freq_rows),
-                "scores": bool(scores), "dtype": dt, "frontend": FRONTEND.to_dict()}
+                "scores": bool(scores), "dtype": dt, "frontend": FRONTEND.to_dict(),
+                "input_norm": lm.input_norm.to_dict()}
     metadata = {
         "format": FORMAT,
         "model": {"name": lm.name, "sha256": lm.sha256, "path": lm.path, "source_format": lm.source_format,
@@ -358,7 +343,8 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
         "scores": ({"activation": "sigmoid", "track_pooling": "mean over segments", "labels": lm.labels}
                    if scores else None),
         "columns": {"path": "relative to root, '/'-separated", "root": "absolute directory the file was found under"},
-        "frontend": FRONTEND.to_dict(), "dtype": dt, "device": str(dev), "versions": _versions(),
+        "frontend": FRONTEND.to_dict(), "input_norm": lm.input_norm.to_dict(),
+        "dtype": dt, "device": str(dev), "versions": tool_versions(),
     }
     schema = output_schema(pool, dim, cfg.n_classes if scores else None)
 
@@ -389,7 +375,7 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
                 source = InlineDecoder(tasks, seg_frames, hop)
             else:
                 source = DecoderPool(tasks, int(workers), seg_frames, hop)
-            runner = ModelRunner(lm.model, dev, dt, block, tokens, patchout, bool(scores))
+            runner = ModelRunner(lm.model, dev, dt, block, tokens, patchout, bool(scores), lm.input_norm)
             _run(todo, source, runner, store, schema, pool, int(batch_size), display, summary)
             summary.model_seconds = runner.seconds
             source.close()

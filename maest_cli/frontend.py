@@ -123,9 +123,43 @@ def mel_frontend(audio: torch.Tensor | np.ndarray) -> torch.Tensor:
     return out[0] if squeeze else out
 
 
-def normalize(mel: torch.Tensor) -> torch.Tensor:
-    """The models' input scaling: (x - mean) / (2 * std)."""
-    return (mel - NORM_MEAN) / (2.0 * NORM_STD)
+@dataclass(frozen=True)
+class InputNorm:
+    """A model's input scaling: (log-mel - mean) / (2 * std), the official convention (the
+    factor 2 is in the authors' code and in Essentia). Official models use the Discogs20
+    constants; a model trained here records its dataset's (checkpoint metadata `input_norm`)."""
+
+    mean: float = NORM_MEAN
+    std: float = NORM_STD
+    source: str = "official"
+
+    def apply(self, mel):
+        """numpy array or tensor -> the same type, float32."""
+        out = (mel - self.mean) / (2.0 * self.std)
+        return out.astype(np.float32, copy=False) if isinstance(out, np.ndarray) else out.float()
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "source": self.source, "formula": "(x - mean) / (2 * std)"}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict | None) -> InputNorm:
+        """The scaling recorded in checkpoint metadata, else the official constants (official
+        and Hugging Face models carry none)."""
+        import json
+
+        raw = (metadata or {}).get("input_norm")
+        if not raw:
+            return OFFICIAL_NORM
+        d = json.loads(raw) if isinstance(raw, str) else raw
+        return cls(float(d["mean"]), float(d["std"]), str(d.get("source", "checkpoint")))
+
+
+OFFICIAL_NORM = InputNorm()
+
+
+def normalize(mel, norm: InputNorm = OFFICIAL_NORM):
+    """The models' input scaling, (x - mean) / (2 * std); the official constants by default."""
+    return norm.apply(mel)
 
 
 class StreamingMel:

@@ -26,7 +26,7 @@ DEFAULT_PRESETS = ("none", "fast", "faster", "fastest")
 
 
 def corpus_segments(paths: list[str], segment_frames: int, hop: int) -> tuple[list[np.ndarray], float]:
-    """All normalised segments of the corpus, in file order, and its audio seconds."""
+    """All log-mel segments of the corpus, in file order, and its audio seconds."""
     from .segments import DecodeStats, iter_file_segments
 
     segments, seconds = [], 0.0
@@ -114,7 +114,8 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
         row: dict = {"preset": name, "dtype": dt, "time_keep_every": preset.time_keep_every,
                      "drop_freq_rows": list(preset.drop_freq_rows)}
         if timing:
-            runner = ModelRunner(lm.model, device, dt, block, ("cls", "dist", "avg"), preset.patchout, False)
+            runner = ModelRunner(lm.model, device, dt, block, ("cls", "dist", "avg"), preset.patchout, False,
+                                 lm.input_norm)
             secs = model_only_seconds(runner, segments, batch_size, repeats)
             row["model_only_audio_min_per_s"] = audio_s / 60 / secs
         console.print(f"preset {name}: extracting {len(paths)} files end to end ...")

@@ -9,9 +9,7 @@ which file to put where. `--model PATH` loads a local file and never touches the
 from __future__ import annotations
 
 import difflib
-import hashlib
 import http.client
-import json
 import os
 import sys
 import urllib.error
@@ -19,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artefacts import sha256_file, write_json
 from .config import ConfigError, read_labels, read_toml
 
 USER_AGENT = "maest-cli (+https://github.com/palonso/MAEST)"
@@ -178,7 +177,7 @@ def download_file(url: str, dest: Path, sha256: str | None = None, size: int | N
         part.unlink(missing_ok=True)
         raise DownloadError(f"{url}: got {got} bytes, expected {want}; deleted, try again")
     if sha256:
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != sha256.lower():
             part.unlink(missing_ok=True)
             raise DownloadError(f"{url}: sha256 {digest} does not match {sha256}; the corrupt file "
@@ -206,14 +205,6 @@ def _stream(resp, part: Path, have: int, total: int | None, url: str, progress: 
             raise DownloadError(f"{url}: transfer interrupted ({e}); run again to resume") from None
         out.flush()
         os.fsync(out.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def fetch_model(entry: ModelEntry, cache: Path | None = None, progress: bool = True) -> Path:
@@ -260,10 +251,8 @@ def _fetch_source(src: Source, d: Path, progress: bool) -> Path:
 
 def _write_provenance(d: Path, entry: ModelEntry, src: Source, weights: Path) -> None:
     info = {"model": entry.name, "source": src.kind, "url": src.files[0].url, "file": weights.name,
-            "sha256": _sha256(weights), "size": weights.stat().st_size}
-    tmp = d / ".source.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, d / "source.json")
+            "sha256": sha256_file(weights), "size": weights.stat().st_size}
+    write_json(d / "source.json", info)
 
 
 def _missing_message(entry: ModelEntry, d: Path, why: str) -> str:
@@ -286,6 +275,7 @@ class LoadedModel:
     labels: list[str] | None
     source_format: str
     metadata: dict = field(default_factory=dict)
+    input_norm: "object" = None  # frontend.InputNorm: the input scaling the model was trained with
 
     @property
     def config(self):
@@ -309,7 +299,8 @@ def resolve_weights(name_or_path: str | os.PathLike | None, registry: Registry |
         return hit, entry
     if not download:
         raise ModelNotFound(_missing_message(entry, (cache or cache_dir()) / entry.name, "not downloaded"))
-    print(f"maest: downloading {entry.name} to {(cache or cache_dir()) / entry.name}", file=sys.stderr)
+    if not offline():
+        print(f"maest: downloading {entry.name} to {(cache or cache_dir()) / entry.name}", file=sys.stderr)
     return fetch_model(entry, cache, progress), entry
 
 
@@ -329,4 +320,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
             ckpt.labels = read_labels(known[ckpt.config.n_classes])
     model = build_model(ckpt).to(device)
     name = entry.name if entry else ckpt.metadata.get("name", Path(path).stem)
-    return LoadedModel(model, name, str(path), ckpt.sha256, ckpt.labels, ckpt.source_format, ckpt.metadata)
+    return LoadedModel(model, name, str(path), ckpt.sha256, ckpt.labels, ckpt.source_format, ckpt.metadata,
+                       ckpt.input_norm)

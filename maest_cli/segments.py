@@ -1,4 +1,4 @@
-"""Audio file -> normalised mel segments, streaming: the segmentation rule of MAEST inference.
+"""Audio file -> log-mel segments, streaming: the segmentation rule of MAEST inference.
 
 Segments are `segment_frames` mel frames long (the model's input length: 1876 = 30 s for the
 30 s models; 1 frame = 16 ms) and start every `hop` frames. A track shorter than one segment
@@ -11,21 +11,14 @@ the file length.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import AudioError, audio_info, iter_audio
-from .frontend import HOP_SIZE, N_MELS, SAMPLE_RATE, StreamingMel, n_frames, normalize
+from .audio import AudioError, iter_audio
+from .frontend import HOP_SIZE, N_MELS, SAMPLE_RATE, StreamingMel, n_frames
 from .runtime import UsageError
-
-# A decoder that declares a length (MP3 Xing/Info/VBRI header, FLAC STREAMINFO) but delivers
-# less than this is a truncated file, not a short one.
-TRUNCATION_TOLERANCE_S = 1.0
-
 
 def hop_frames(hop: str | float, segment_frames: int) -> int:
     """'half' | 'full' | seconds -> hop in mel frames (1 frame = 16 ms)."""
@@ -56,7 +49,7 @@ def segment_starts(total_frames: int, segment_frames: int, hop: int) -> list[int
 class Segment:
     index: int
     start: int  # first mel frame
-    frames: np.ndarray  # [length, 96] float32, normalised
+    frames: np.ndarray  # [length, 96] float32 log-mel, not yet normalised (the model's InputNorm does that)
 
 
 class SegmentCutter:
@@ -128,75 +121,22 @@ class DecodeStats:
         return self.n_samples / SAMPLE_RATE
 
 
-def _check_regular_file(path: str) -> None:
-    """Refuse what would hang or mislead the decoder (FIFOs block forever on open)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        reason = "dangling symlink" if os.path.islink(path) else "no such file"
-        raise AudioError(path, reason, stage="open") from None
-    except OSError as e:
-        raise AudioError(path, f"cannot stat ({e.strerror})", stage="open") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise AudioError(path, "is a directory, not an audio file", stage="open")
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
-                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
-        raise AudioError(path, f"not a regular file ({kind})", stage="open")
-    if not os.access(path, os.R_OK):
-        raise AudioError(path, "permission denied", stage="open")
-
-
-def _declared_seconds(path: str) -> float | None:
-    """Length a header promises, where the format has a reliable one: FLAC, or an MP3 with a
-    Xing/Info/VBRI frame (without one, decoders only guess from the file size)."""
-    info = audio_info(path)
-    if info.sample_rate <= 0 or info.frames <= 0:
-        return None
-    if info.format == "FLAC":
-        return info.duration_s
-    if info.format == "MP3" and _mp3_has_length_header(path):
-        return info.duration_s
-    return None
-
-
-def _mp3_has_length_header(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(10)
-        offset = 0
-        if head[:3] == b"ID3" and len(head) == 10:  # skip ID3v2 (syncsafe size, optional footer)
-            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
-            offset = 10 + size + (10 if head[5] & 0x10 else 0)
-        f.seek(offset)
-        data = f.read(4096)
-    i = 0
-    while i + 1 < len(data) and not (data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0):
-        i += 1
-    frame = data[i:i + 200]
-    return b"Xing" in frame or b"Info" in frame or b"VBRI" in frame
-
-
 def iter_file_segments(path: str, segment_frames: int, hop: int, stats: DecodeStats | None = None,
                        min_frames: int = 16) -> Iterator[Segment]:
-    """Decode -> 16 kHz -> log-mel -> normalise -> segments, streaming. Raises AudioError
+    """Decode -> 16 kHz -> log-mel -> segments, streaming. Raises AudioError
     (stage open/decode/segment); segments already yielded belong to a failed file then."""
     stats = stats if stats is not None else DecodeStats()
-    _check_regular_file(path)
-    declared = _declared_seconds(path)
     mel = StreamingMel()
     cutter = SegmentCutter(segment_frames, hop, min_frames)
 
     def cut(frames: np.ndarray) -> list[Segment]:
-        return cutter.feed(normalize(frames)) if len(frames) else []
+        return cutter.feed(frames) if len(frames) else []
 
     for block in iter_audio(path):
         yield from cut(mel.feed(block))
     yield from cut(mel.finish())
     stats.n_samples = mel.samples_in
     decoded = stats.duration_s
-    if declared is not None and decoded < declared - TRUNCATION_TOLERANCE_S:
-        raise AudioError(path, f"truncated: decoded {decoded:.2f} s of the {declared:.2f} s its header "
-                               "declares", stage="decode")
     try:
         last = cutter.finish()
     except ValueError:

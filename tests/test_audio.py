@@ -65,6 +65,31 @@ def test_info(tmp_path):
     assert (info.sample_rate, info.channels, info.frames) == (44100, 2, 88200)
 
 
+def _reason(path) -> str:
+    with pytest.raises(AudioError) as e:
+        load_audio(path)
+    return e.value.reason
+
+
+def test_latin1_file_names_decode(tmp_path):
+    name = os.fsencode(tmp_path) + b"/caf\xe9.wav"
+    sf.write(tmp_path / "x.wav", tone_mix(1.0, 16000), 16000)
+    os.rename(tmp_path / "x.wav", name)
+    assert len(load_audio(os.fsdecode(name))) == 16000
+
+
+def test_mp3_without_length_header_is_not_called_truncated(tmp_path):
+    """A big ID3 tag makes libsndfile's size-based length estimate far too long."""
+    path = write_audio(tmp_path / "a.mp3", 3.0)
+    data = open(path, "rb").read()
+    # find the Xing/Info frame and blank its tag, as encoders without one would write
+    data = data.replace(b"Xing", b"\0\0\0\0", 1).replace(b"Info", b"\0\0\0\0", 1)
+    size = 200_000  # ID3v2 padding, syncsafe-encoded
+    tag = b"ID3\x03\x00\x00" + bytes((size >> s) & 0x7F for s in (21, 14, 7, 0)) + bytes(size)
+    (tmp_path / "b.mp3").write_bytes(tag + data)
+    assert abs(len(load_audio(tmp_path / "b.mp3")) / 16000 - 3.0) < 0.2
+
+
 def _bad_files(tmp_path):
     good = write_audio(tmp_path / "good.mp3", 6.0)
     cases = {}
@@ -88,11 +113,15 @@ def _bad_files(tmp_path):
     (tmp_path / "dir.flac").mkdir()
     cases["dir.flac"] = ("is a directory",)
     os.symlink(tmp_path / "missing.wav", tmp_path / "dangling.wav")
-    cases["dangling.wav"] = ("no such file",)
+    os.mkfifo(tmp_path / "fifo.wav")  # opening it would block a decoder for ever
+    cases["fifo.wav"] = ("not a regular file (FIFO)",)
+    cases["dangling.wav"] = ("dangling symlink",)
     return cases
 
 
 def test_bad_audio_raises_audio_error_with_path_and_reason(tmp_path):
+    (tmp_path / "missing.flac").unlink(missing_ok=True)
+    assert "no such file" in _reason(tmp_path / "missing.flac")
     for name, reasons in _bad_files(tmp_path).items():
         path = tmp_path / name
         with pytest.raises(AudioError) as e:

@@ -412,8 +412,6 @@ def test_names_that_are_not_utf8_are_recorded_escaped(tiny, tmp_path):
     assert "bad\\xff.mp3\t" in Path(s.errors_file).read_text()
 
 
-@pytest.mark.xfail(reason="audio._open passes str(path) to soundfile, which cannot encode undecodable "
-                          "names; sf.SoundFile(os.fsencode(path)) fixes it", strict=False)
 def test_names_that_are_not_utf8_are_embedded_and_resume(tiny, tmp_path):
     _latin1_catalogue(tmp_path / "latin1")
     s = run([tmp_path / "latin1"], tmp_path / "out", tiny)

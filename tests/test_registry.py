@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch
 
-from maest_cli.checkpoints import save_checkpoint
 from maest_cli.model import MAEST, MaestConfig
 from maest_cli.registry import (DownloadError, ModelNotFound, download_file, load_model, load_registry,
                                 resolve_weights)
