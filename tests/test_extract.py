@@ -206,7 +206,7 @@ def test_schema_metadata_and_all_four_readers(catalogue, tiny, tmp_path):
     assert meta["block"] == BLOCK and meta["tokens"] == ["cls", "dist", "avg"] and meta["pool"] == "track"
     assert meta["segment"]["frames"] == SEG and meta["hop"] == {"spec": "half", "frames": HOP, "seconds": HOP * 0.016}
     assert meta["frontend"] == FRONTEND.to_dict() and meta["dtype"] == "fp32" and meta["device"] == "cpu"
-    assert {"maest_cli", "torch", "python"} <= set(meta["versions"])
+    assert {"maest-cli", "torch", "python", "libsndfile"} <= set(meta["versions"])
     assert meta["scores"]["labels"] == [f"tag{i}" for i in range(10)] and meta["scores"]["activation"] == "sigmoid"
 
     import duckdb
