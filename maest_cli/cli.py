@@ -34,12 +34,13 @@ def _exit_code(e: BaseException) -> int | None:
     from .audio import AudioError
     from .checkpoints import CheckpointError
     from .config import ConfigError
+    from .meldataset import DatasetError
     from .registry import DownloadError, ModelNotFound
     from .runtime import UsageError
 
     if isinstance(e, (UsageError, ConfigError, ModelNotFound, CheckpointError)):
         return 2
-    if isinstance(e, (AudioError, DownloadError, OSError)):
+    if isinstance(e, (AudioError, DatasetError, DownloadError, OSError)):
         return 1
     return None
 
