@@ -79,3 +79,10 @@ def test_presets_table_and_overrides():
 
     with pytest.raises(ConfigError, match="unknown patchout preset"):
         get_preset("turbo")
+
+
+def test_public_api_names_resolve():
+    import maest_cli
+
+    for name in maest_cli.__all__:
+        assert getattr(maest_cli, name) is not None, name
