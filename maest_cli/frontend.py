@@ -209,22 +209,33 @@ class StreamingMel:
         return out
 
 
-def iter_file_mel(path, start_s: float = 0.0, duration_s: float | None = None):
+def iter_file_mel(path, start_s: float = 0.0, duration_s: float | None = None,
+                  stream: StreamingMel | None = None):
     """Unnormalised log-mel frames of an audio file, yielded block by block ([k, 96] float32).
 
     Decoding, resampling and the mel all stream, so memory stays flat for any file length;
-    the frames equal `mel_frontend(load_audio(path))`. Raises audio.AudioError.
+    the frames equal `mel_frontend(load_audio(path))`. Pass `stream` to read its sample count
+    afterwards. Raises audio.AudioError, also for samples so large that the mel overflows
+    (corrupt float WAVs: finite, but 1e30), which would otherwise become NaN embeddings.
     """
-    from .audio import iter_audio
+    from .audio import AudioError, iter_audio
 
-    stream = StreamingMel()
+    stream = stream if stream is not None else StreamingMel()
+
+    def checked(frames: np.ndarray) -> np.ndarray:
+        if not np.isfinite(frames).all():
+            at = stream.samples_in / SAMPLE_RATE
+            raise AudioError(path, f"sample values out of range: the mel-spectrogram overflows "
+                                   f"(before {at:.2f} s)", stage="mel")
+        return frames
+
     for block in iter_audio(path, SAMPLE_RATE, start_s, duration_s):
         frames = stream.feed(block)
         if len(frames):
-            yield frames
+            yield checked(frames)
     tail = stream.finish()
     if len(tail):
-        yield tail
+        yield checked(tail)
 
 
 def file_mel(path, start_s: float = 0.0, duration_s: float | None = None) -> np.ndarray:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import AudioError, iter_audio
-from .frontend import HOP_SIZE, N_MELS, SAMPLE_RATE, StreamingMel, n_frames
+from .audio import AudioError
+from .frontend import HOP_SIZE, N_MELS, SAMPLE_RATE, StreamingMel, iter_file_mel, n_frames
 from .runtime import UsageError
 
 def hop_frames(hop: str | float, segment_frames: int) -> int:
@@ -128,13 +128,8 @@ def iter_file_segments(path: str, segment_frames: int, hop: int, stats: DecodeSt
     stats = stats if stats is not None else DecodeStats()
     mel = StreamingMel()
     cutter = SegmentCutter(segment_frames, hop, min_frames)
-
-    def cut(frames: np.ndarray) -> list[Segment]:
-        return cutter.feed(frames) if len(frames) else []
-
-    for block in iter_audio(path):
-        yield from cut(mel.feed(block))
-    yield from cut(mel.finish())
+    for frames in iter_file_mel(path, stream=mel):
+        yield from cutter.feed(frames)
     stats.n_samples = mel.samples_in
     decoded = stats.duration_s
     try:

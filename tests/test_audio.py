@@ -90,6 +90,16 @@ def test_mp3_without_length_header_is_not_called_truncated(tmp_path):
     assert abs(len(load_audio(tmp_path / "b.mp3")) / 16000 - 3.0) < 0.2
 
 
+def test_samples_that_overflow_the_mel_are_an_audio_error(tmp_path):
+    """Finite but absurd float samples (corrupt float WAV) would give NaN embeddings."""
+    x = tone_mix(2.0, 16000, channels=1)
+    x[5000:5010, 0] = 1e30
+    sf.write(tmp_path / "huge.wav", x, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="out of range") as e:
+        file_mel(tmp_path / "huge.wav")
+    assert e.value.stage == "mel"
+
+
 def _bad_files(tmp_path):
     good = write_audio(tmp_path / "good.mp3", 6.0)
     cases = {}
