@@ -4,7 +4,9 @@ Labels and embeddings are joined (probe_data), a grid of MLP settings is trained
 split and compared on validation scores only (probe_train), and only the selected setting is
 scored on the test split, once per seed. Results go to RESULTS_DIR/results.json (every grid
 point, per-tag scores, how the embeddings were made) with the selected weights in
-probe.safetensors; an interrupted grid resumes from RESULTS_DIR/.probe-state.
+probe.safetensors; an interrupted grid resumes from RESULTS_DIR/.probe-state, one finished
+grid point at a time. Results of other inputs already in RESULTS_DIR are never replaced
+unless asked (`overwrite`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .probe_data import (MTG_TASKS, SPLITS, Annotations, EmbeddingSet, Join, ProbeError, describe_embeddings,
-                         join_tracks, load_annotations, open_embeddings)
-from .probe_metrics import evaluable, macro_scores
-from .probe_train import (ProbeConfig, ProbeData, Protocol, load_grid, logits_of, prepare_data, train_runs)
+from .artefacts import fsync_file, sha256_file, tool_versions, write_json
+from .labels import SPLITS
+from .probe_data import (MTG_TASKS, Annotations, EmbeddingSet, Join, ProbeError, describe_embeddings, join_tracks,
+                         load_annotations, open_embeddings)
+from .probe_metrics import MACRO_AVERAGE, evaluable, macro_scores
+from .probe_train import ProbeConfig, ProbeData, Protocol, load_grid, logits_of, prepare_data, train_run
 from .runtime import UsageError, resolve_device
 
 FORMAT = "maest-probe/1"
@@ -45,28 +49,43 @@ def _tool_version() -> str:
 # ---------------------------------------------------------------- grid search with resume
 
 class GridState:
-    """Finished runs of an interrupted probe, kept in RESULTS_DIR/.probe-state so that a rerun
-    with the same inputs skips them. Written atomically after every group of runs."""
+    """Finished grid points and seeds of an interrupted probe, kept in RESULTS_DIR/.probe-state
+    so that a rerun with the same inputs skips them. The best weights so far are written first
+    (best.safetensors), then state.json, which names them by checksum: a kill between the two
+    leaves weights that state.json does not vouch for, and they are retrained, never trusted.
 
-    def __init__(self, out: Path | None, fingerprint: str, resume: bool = True):
+    A state of other inputs is refused (UsageError) unless `discard` (--fresh, --overwrite):
+    it may be the only copy of hours of another run's grid."""
+
+    def __init__(self, out: Path | None, fingerprint: str, resume: bool = True, discard: bool = False):
         self.dir = out / ".probe-state" if out else None
         self.fingerprint = fingerprint
         self.points: dict[str, dict] = {}
         self.seeds: dict[str, dict] = {}
         self.best_key: str | None = None
         self.best_state: dict | None = None
-        if self.dir and resume and (self.dir / "state.json").is_file():
-            try:
-                saved = json.loads((self.dir / "state.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                saved = {}
-            if saved.get("fingerprint") == fingerprint and (self.dir / "best.safetensors").is_file():
-                from safetensors.torch import load_file
+        self.best_sha256: str | None = None
+        if not (self.dir and (self.dir / "state.json").is_file()):
+            return
+        try:
+            saved = json.loads((self.dir / "state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            saved = {}
+        if saved.get("fingerprint") != fingerprint:
+            if not discard and saved:
+                raise UsageError(f"{self.dir}: an interrupted probe of other inputs (or another version of the tool) "
+                                 f"is kept there; rerun it, or pass --fresh to discard it, or use another --out")
+            return
+        if not resume:
+            return
+        self.points = saved.get("points", {})
+        self.seeds = saved.get("seeds", {})
+        weights = self.dir / "best.safetensors"
+        if saved.get("best_key") and weights.is_file() and sha256_file(weights) == saved.get("best_sha256"):
+            from safetensors.torch import load_file
 
-                self.points = saved.get("points", {})
-                self.seeds = saved.get("seeds", {})
-                self.best_key = saved.get("best_key")
-                self.best_state = load_file(str(self.dir / "best.safetensors"))
+            self.best_key, self.best_sha256 = saved["best_key"], saved["best_sha256"]
+            self.best_state = load_file(str(weights))
 
     def save(self, best_key: str | None = None, best_state: dict | None = None) -> None:
         if not self.dir:
@@ -77,10 +96,13 @@ class GridState:
 
             tmp = self.dir / f".best.tmp{os.getpid()}"
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp))
+            fsync_file(tmp)
+            sha = sha256_file(tmp)
             os.replace(tmp, self.dir / "best.safetensors")
-            self.best_key = best_key
-        write_json_atomic(self.dir / "state.json", {"fingerprint": self.fingerprint, "best_key": self.best_key,
-                                                    "points": self.points, "seeds": self.seeds})
+            self.best_key, self.best_state, self.best_sha256 = best_key, best_state, sha
+        write_json(self.dir / "state.json", {"fingerprint": self.fingerprint, "best_key": self.best_key,
+                                                    "best_sha256": self.best_sha256, "points": self.points,
+                                                    "seeds": self.seeds})
 
     def clear(self) -> None:
         if self.dir and self.dir.is_dir():
@@ -102,48 +124,39 @@ def grid_search(data: ProbeData, configs: list[ProbeConfig], protocol: Protocol,
                 state: GridState, seed: int = 0, log: Log | None = None) -> tuple[list[dict], dict, dict]:
     """Every grid point's validation scores, the selected point and its weights.
 
-    Selection reads validation scores only; the test split is not touched here at all."""
+    Each point is one independent run, saved to the state as soon as it ends. Selection reads
+    validation scores only; the test split is not touched here at all."""
     order = {c.key(): i for i, c in enumerate(configs)}
-    groups: dict[tuple, list[int]] = {}
-    for c in configs:
-        groups.setdefault((c.batch_size, c.dropout, c.lr), []).append(c.epochs)
     best_key, best_state = state.best_key, state.best_state
-    if best_key not in order:  # resumed from a run of another grid: its best may not be ours
+    if best_key not in order or best_state is None:  # resumed from another grid, or weights not vouched for
         best_key, best_state = None, None
-    done = 0
-    for (batch, dropout, lr), epochs in groups.items():
-        todo = [e for e in epochs if ProbeConfig(batch, e, dropout, lr).key() not in state.points]
-        done += len(epochs)
-        if not todo:
+    val = data.splits["validation"]
+    for n, c in enumerate(configs, 1):
+        if c.key() in state.points:
             continue
         t0 = time.perf_counter()
-        changed = False
-        val = data.splits["validation"]
-        for r in train_runs(data, batch, dropout, lr, todo, seed, protocol, device):
-            point = r.point()
-            point["val_pr_auc"] = (macro_scores(val.y_np, logits_of(r.state, val.x))["pr_auc"]
-                                   if r.state is not None else float("nan"))
-            state.points[point["key"]] = point = _nan_to_none(point)
-            if r.state is not None and (best_key is None or
-                                        _rank(point, order) > _rank(state.points[best_key], order)):
-                best_key, best_state, changed = point["key"], r.state, True
-        if changed:
+        r = train_run(data, c, seed, protocol, device)
+        point = r.point()
+        point["val_pr_auc"] = (macro_scores(val.y_np, logits_of(r.state, val.x))["pr_auc"]
+                               if r.state is not None else float("nan"))
+        state.points[c.key()] = point = _nan_to_none(point)
+        if r.state is not None and (best_key is None or _rank(point, order) > _rank(state.points[best_key], order)):
+            best_key, best_state = c.key(), r.state
             state.save(best_key, best_state)
         else:
             state.save()
         if log:
-            keys = [ProbeConfig(batch, e, dropout, lr).key() for e in todo]
-            scores = ", ".join(f"{e} epochs {_fmt(state.points[k]['val_roc_auc'])}" for e, k in zip(todo, keys))
-            log(f"[{done}/{len(configs)}] batch {batch} dropout {dropout:g} lr {lr:g}: validation ROC-AUC "
-                f"{scores} ({time.perf_counter() - t0:.0f} s)")
+            log(f"[{n}/{len(configs)}] batch {c.batch_size} epochs {c.epochs} dropout {c.dropout:g} lr {c.lr:g}: "
+                f"validation ROC-AUC {_fmt(point['val_roc_auc'])}"
+                f"{' (diverged)' if point['diverged'] else ''} ({time.perf_counter() - t0:.0f} s)")
     points = [state.points[c.key()] for c in configs]
     chosen = max(points, key=lambda p: _rank(p, order))
     if not math.isfinite(_rank(chosen, order)[0]):
         raise ProbeError("every run of the grid diverged or gave no finite validation score "
                          "(try smaller learning rates)")
-    if chosen["key"] != best_key or best_state is None:  # only after a resume across grids
+    if chosen["key"] != best_key or best_state is None:  # after a resume whose weights were not kept
         c = ProbeConfig(chosen["batch_size"], chosen["epochs"], chosen["dropout"], chosen["lr"])
-        best_state = train_runs(data, c.batch_size, c.dropout, c.lr, [c.epochs], seed, protocol, device)[0].state
+        best_state = train_run(data, c, seed, protocol, device).state
     return points, chosen, best_state
 
 
@@ -191,7 +204,7 @@ class ProbeInputs:
 
     dataset: str
     dataset_root: str
-    split: int
+    split: int | None  # MTG-Jamendo's split-N (None: split-0 / not numbered)
     annotations: Annotations
     embeddings: EmbeddingSet
     join: Join
@@ -199,12 +212,13 @@ class ProbeInputs:
 
 
 def load_inputs(dataset: str, dataset_root: str | Path, *, embeddings: str | Path | None = None,
-                audio_root: str | Path | None = None, split: int = 0, out: Path | None = None,
+                audio_root: str | Path | None = None, split: int | None = None, out: Path | None = None,
                 min_match: float = 0.5, extract_options: dict | None = None, log: Log | None = None) -> ProbeInputs:
     """Labels of DATASET, the embeddings (extracted first from AUDIO_ROOT if given), their join."""
     if embeddings is None and audio_root is None:
         raise UsageError("give --embeddings DIR (from `maest extract`) or --audio-root DIR")
     ann = load_annotations(dataset, dataset_root, split=split)
+    split = (split or 0) if dataset in MTG_TASKS else None  # one spelling of the default, for the fingerprint
     summary = None
     if audio_root is not None:
         cache = Path(embeddings) if embeddings else (out / "embeddings" if out else None)
@@ -212,20 +226,40 @@ def load_inputs(dataset: str, dataset_root: str | Path, *, embeddings: str | Pat
             raise UsageError("--audio-root needs --out or --embeddings for the embeddings cache")
         summary = run_extract(Path(audio_root), cache, extract_options, log)
         embeddings = cache
-        if log and getattr(summary, "n_failed", 0):
-            log(f"extract: {summary.n_failed} files failed (listed in {getattr(summary, 'errors_file', cache)})")
+        if log and _n_failed(summary):
+            log(f"extract: {_n_failed(summary)} files failed (listed in {getattr(summary, 'errors_file', cache)}); "
+                f"probing the others, the run will exit with code 1")
     emb = open_embeddings(embeddings)
     join = join_tracks(ann, emb, min_match=min_match)
     return ProbeInputs(dataset, str(dataset_root), split, ann, emb, join, summary)
 
 
+def _n_failed(summary) -> int:
+    """Files `extract` could not embed (its summary object, or a dict from a stand-in)."""
+    if isinstance(summary, dict):
+        return int(summary.get("n_failed", 0) or 0)
+    return int(getattr(summary, "n_failed", 0) or 0)
+
+
+def default_out(dataset: str, embeddings: str | Path | None, audio_root: str | Path | None) -> Path:
+    """probe-DATASET-NAME, NAME the embeddings (or audio) folder's: probing two sets of
+    embeddings on one dataset never writes both into one folder by default."""
+    source = Path(embeddings or audio_root or "embeddings").resolve()
+    name = source.stem if source.is_file() else source.name
+    return Path(f"probe-{dataset}-{name or 'embeddings'}")
+
+
 def probe(dataset: str, *, dataset_root: str | Path, embeddings: str | Path | None = None,
-          audio_root: str | Path | None = None, split: int = 0, grid: str = "quick", seeds: int = 3,
+          audio_root: str | Path | None = None, split: int | None = None, grid: str = "quick", seeds: int = 3,
           device: str = "auto", out: str | Path | None = None, threads: int | None = None,
-          min_match: float = 0.5, resume: bool = True, extract_options: dict | None = None,
-          log: Log | None = None) -> dict:
+          min_match: float = 0.5, resume: bool = True, overwrite: bool = False,
+          extract_options: dict | None = None, log: Log | None = None) -> dict:
     """Evaluate embeddings on DATASET with the paper's MLP probe; returns the results dict
-    (also written to OUT/results.json with the selected weights in OUT/probe.safetensors)."""
+    (also written to OUT/results.json with the selected weights in OUT/probe.safetensors).
+
+    `split`: MTG-Jamendo's split-N (default 0; refused for the other datasets). OUT holding
+    the results of other inputs is a UsageError unless `overwrite`. results["extract_failed"]
+    counts the files `--audio-root` extraction could not embed (the CLI then exits 1)."""
     t_start = time.perf_counter()
     if seeds < 1:
         raise UsageError("--seeds must be >= 1")
@@ -240,14 +274,14 @@ def probe(dataset: str, *, dataset_root: str | Path, embeddings: str | Path | No
         torch.set_num_threads(threads)  # restored on the way out: the caller's process is not ours
     try:
         return evaluate(inputs, grid_name, protocol, configs, seeds=seeds, device=device, out=out, resume=resume,
-                        log=log, t_start=t_start)
+                        overwrite=overwrite, log=log, t_start=t_start)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def evaluate(inputs: ProbeInputs, grid_name: str, protocol: Protocol, configs: list[ProbeConfig], *,
              seeds: int = 3, device: str = "auto", out: Path | None = None, resume: bool = True,
-             log: Log | None = None, t_start: float | None = None) -> dict:
+             overwrite: bool = False, log: Log | None = None, t_start: float | None = None) -> dict:
     """Grid search on validation, then the selected setting on test for each seed; the results."""
     t_start = time.perf_counter() if t_start is None else t_start
     ann, emb = inputs.annotations, inputs.embeddings
@@ -262,9 +296,12 @@ def evaluate(inputs: ProbeInputs, grid_name: str, protocol: Protocol, configs: l
             f"{jr['embeddings_without_label']} embeddings without label")
         for note in notes:
             log(f"note: {note}")
-    fingerprint = _fingerprint(FORMAT, inputs.dataset, inputs.split, [Path(p) for p in ann.source],
+    fingerprint = _fingerprint(FORMAT, _tool_version(), inputs.dataset, inputs.split, [Path(p) for p in ann.source],
                                [Path(f) for f in emb.files], protocol.to_dict(), dev.type, torch.__version__)
-    state = GridState(out, fingerprint, resume)
+    results_fingerprint = _fingerprint(fingerprint, [c.key() for c in configs], seeds)
+    if out:
+        check_out(out, results_fingerprint, overwrite)
+    state = GridState(out, fingerprint, resume, discard=overwrite or not resume)
     if log and (state.points or state.seeds):
         log(f"resuming: {len(state.points)} grid points and {len(state.seeds)} seeds already done")
     t_grid = time.perf_counter()
@@ -278,6 +315,7 @@ def evaluate(inputs: ProbeInputs, grid_name: str, protocol: Protocol, configs: l
     timing = {"load": round(t_grid - t_start, 2), "grid": round(t_seeds - t_grid, 2),
               "seeds": round(time.perf_counter() - t_seeds, 2), "total": round(time.perf_counter() - t_start, 2)}
     results = _results(inputs, data, notes, grid_name, protocol, configs, points, chosen, per_seed, dev, timing)
+    results["fingerprint"] = results_fingerprint
     if out:
         write_outputs(out, results, best_state, data)
         state.clear()
@@ -298,8 +336,7 @@ def score_seeds(data: ProbeData, selected: ProbeConfig, chosen: dict, best_state
             if seed == 0:
                 st, val_auc, epoch = best_state, chosen["val_roc_auc"], chosen["best_epoch"]
             else:
-                r = train_runs(data, selected.batch_size, selected.dropout, selected.lr, [selected.epochs],
-                               seed, protocol, device)[0]
+                r = train_run(data, selected, seed, protocol, device)
                 st, val_auc, epoch = r.state, r.val_roc_auc, r.best_epoch
             rec = {"seed": seed, "config": selected.key(), "val_roc_auc": val_auc, "best_epoch": epoch,
                    "test_roc_auc": None, "test_pr_auc": None, "per_tag_roc_auc": None, "per_tag_pr_auc": None}
@@ -331,17 +368,22 @@ def _results(inputs: ProbeInputs, data: ProbeData, notes: list[str], grid_name: 
         "maest_cli_version": _tool_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": {"name": inputs.dataset, "root": inputs.dataset_root,
-                    "split": inputs.split if inputs.dataset in MTG_TASKS else None,
-                    "files": inputs.annotations.source, "n_tags": len(data.tags),
+                    "split": inputs.split,
+                    "files": inputs.annotations.source, "label_files": inputs.annotations.files,
+                    "n_tags": len(data.tags),
                     "tracks": {s: len(data.splits[s]) for s in SPLITS}, "join": inputs.join.report(),
                     "notes": notes},
         "embeddings": {"dir": emb.directory, "dim": data.dim, "rows": emb.n_rows, "tracks": len(emb.paths),
                        "segment_rows_averaged": emb.segment_rows, "metadata": emb.metadata,
                        "extract": _summary_dict(inputs.extract_summary)},
+        "extract_failed": _n_failed(inputs.extract_summary),
         **describe_embeddings(emb.metadata),
-        "protocol": {**protocol.to_dict(), "optimizer": "AdamW", "loss": "binary cross-entropy",
+        "protocol": {**protocol.to_dict(), "optimizer": "AdamW(lr=max_lr, weight_decay)", "loss": "binary cross-entropy",
+                     "lr_schedule": "per epoch: exp warm-up exp(-5(1-e/warmup)^2) (e >= 0.5), hold_epochs at max_lr, "
+                                    "then linear to lr_last_factor * max_lr at the end of the run (authors' "
+                                    "ex_tl.py: exp_warmup_linear_down, hold 0)",
                      "selection": "validation macro ROC-AUC (best epoch per run, best run per grid)",
-                     "standardisation": "train-split mean and std"},
+                     "standardisation": "train-split mean and std", "macro_average": MACRO_AVERAGE},
         "grid": {"name": grid_name, "n_points": len(configs), "points": points},
         "selected": {**ProbeConfig(chosen["batch_size"], chosen["epochs"], chosen["dropout"], chosen["lr"]).to_dict(),
                      "key": chosen["key"], "val_roc_auc": chosen["val_roc_auc"],
@@ -349,17 +391,19 @@ def _results(inputs: ProbeInputs, data: ProbeData, notes: list[str], grid_name: 
         "seeds": [{k: v for k, v in r.items() if not k.startswith("per_tag")} for r in per_seed],
         "test": {"roc_auc": _mean_std([r["test_roc_auc"] for r in tested]),
                  "pr_auc": _mean_std([r["test_pr_auc"] for r in tested]),
-                 "n_seeds": len(tested), "std": "sample standard deviation over seeds (ddof=1)"},
+                 "n_seeds": len(tested), "std": "sample standard deviation over seeds (ddof=1)",
+                 "macro_average": MACRO_AVERAGE},
         "excluded_tags": {s: [t for t, ok in zip(data.tags, evaluable(ys[s])) if not ok]
                           for s in ("validation", "test")},
         "per_tag": [{"tag": t, **{f"n_positive_{s}": int(ys[s][:, c].sum()) for s in SPLITS},
                      "test_roc_auc": _nanmean_or_none(roc[:, c]), "test_pr_auc": _nanmean_or_none(ap[:, c])}
                     for c, t in enumerate(data.tags)],
-        "environment": {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "machine": platform.machine()},
+        "environment": {"device": str(dev), "threads": torch.get_num_threads(), "machine": platform.machine(),
+                        **tool_versions()},
         "timing_s": timing,
     }
-    results["excluded_tags"]["reason"] = "all-0 or all-1 in that split: left out of its macro average"
+    results["excluded_tags"]["reason"] = ("all-0 or all-1 in that split: no ROC curve, so left out of both macro "
+                                          "averages (ROC-AUC and PR-AUC) of that split")
     return _nan_to_none(results)
 
 
@@ -390,6 +434,8 @@ def _nan_to_none(obj):
 def _summary_dict(summary):
     if summary is None:
         return None
+    if isinstance(summary, dict):
+        return json.loads(json.dumps(summary, default=str))
     if dataclasses.is_dataclass(summary):
         return json.loads(json.dumps(dataclasses.asdict(summary), default=str))
     return str(summary)
@@ -397,14 +443,31 @@ def _summary_dict(summary):
 
 # ---------------------------------------------------------------- outputs
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+def check_out(out: Path, fingerprint: str, overwrite: bool = False) -> None:
+    """Refuse to replace OUT/results.json made from other inputs (another embeddings folder,
+    dataset, grid or seeds) unless `overwrite`: it may be the only copy of an earlier probe.
+    The same inputs give the same results, so those are simply made again."""
+    f = out / "results.json"
+    if overwrite or not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    if isinstance(old, dict) and old.get("fingerprint") == fingerprint:
+        return
+    what = ""
+    if isinstance(old, dict) and isinstance(old.get("dataset"), dict):
+        what = (f" ({old['dataset'].get('name')} on {(old.get('embeddings') or {}).get('dir')}, "
+                f"grid {(old.get('grid') or {}).get('name')})")
+    raise UsageError(f"{f}: holds the results of another probe{what}, made from other inputs, grid, seeds or "
+                     f"tool version; pass --overwrite to replace them, or choose another --out")
 
 
 def write_outputs(out: Path, results: dict, state: dict, data: ProbeData) -> None:
-    """results.json and probe.safetensors (weights + tags + standardisation), each atomically."""
+    """probe.safetensors (weights + tags + standardisation), then results.json naming the
+    weights by checksum, each atomically: a kill between the two leaves a results.json whose
+    `weights_sha256` does not match, never a silent mix."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -414,11 +477,16 @@ def write_outputs(out: Path, results: dict, state: dict, data: ProbeData) -> Non
     meta = {"format": FORMAT, "tags": json.dumps(data.tags), "config": json.dumps(results["selected"]),
             "protocol": json.dumps(results["protocol"]), "dataset": results["dataset"]["name"],
             "embeddings": json.dumps({k: results[k] for k in ("model", "block", "tokens", "preset")}),
-            "maest_cli_version": _tool_version()}
+            "maest_cli_version": _tool_version(), "fingerprint": results.get("fingerprint", "")}
     tmp = out / f".probe.safetensors.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out / "probe.safetensors")
-    write_json_atomic(out / "results.json", results)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        fsync_file(tmp)
+        results["weights_sha256"] = sha256_file(tmp)
+        os.replace(tmp, out / "probe.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json(out / "results.json", results)
 
 
 @dataclass

@@ -1,16 +1,16 @@
 """Probe inputs: tag annotations of the downstream datasets, the embeddings, and their join.
 
-Each adapter reads a dataset's label files as its users have them (MagnaTagATune's
-annotations_final.csv, the official MTG-Jamendo split files, or a plain TSV/CSV) into one
-`Annotations` table: a path per track, its split, and a 0/1 tag matrix. The embeddings are an
-`extract` Parquet dataset; tracks are matched to labels by their path relative to the audio
-root, tolerating a changed audio extension (`48/948.mp3` vs `48/948.low.mp3`) and extra
-leading folders on the embedding side. Only the matched rows are ever read into memory.
+The label files are read by maest_cli.labels, the same readers and rules as `prepare-mels`
+(MagnaTagATune's annotations_final.csv, the official MTG-Jamendo split files, a TSV/CSV
+table); this module turns them into one `Annotations` table per dataset: a path per track,
+its split, and a 0/1 tag matrix. The embeddings are an `extract` Parquet dataset; tracks are
+matched to labels by their path relative to the audio root (exact first, else with another
+audio extension, `48/948.mp3` vs `48/948.low.mp3`, or with extra leading folders on the
+embedding side). Only the matched rows are ever read into memory.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .labels import (SPLITS, LabelProblem, LabelTable, audio_key, mtt_split_of, normalize_path,
+                     read_label_files)
 from .runtime import UsageError
 
-SPLITS = ("train", "validation", "test")
 MTG_TASKS = {  # DATASET name -> file stem of the official split files
     "mtg-jamendo-genre": "autotagging_genre",
     "mtg-jamendo-instrument": "autotagging_instrument",
@@ -28,12 +29,7 @@ MTG_TASKS = {  # DATASET name -> file stem of the official split files
     "mtg-jamendo-top50": "autotagging_top50tags",
 }
 DATASETS = ("mtt", *MTG_TASKS, "custom")
-MTT_SPLIT_OF_DIR = {**{c: "train" for c in "0123456789ab"}, "c": "validation",
-                    **{c: "test" for c in "def"}}
-MTG_HEADER = ("TRACK_ID", "ARTIST_ID", "ALBUM_ID", "PATH", "DURATION")
-CUSTOM_SPLITS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-                 "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
-MAX_NOTES = 5  # skipped lines quoted per file; the rest are counted
+MAX_NOTES = 5  # skipped lines quoted per kind; the rest are counted
 
 
 class ProbeError(RuntimeError):
@@ -42,7 +38,7 @@ class ProbeError(RuntimeError):
 
 @dataclass
 class Annotations:
-    """Tags of a downstream dataset: one row per track (paths unique), in file order."""
+    """Tags of a downstream dataset: one row per track (paths unique, normalised), in file order."""
 
     dataset: str
     source: list[str]  # the label files read
@@ -51,6 +47,7 @@ class Annotations:
     splits: np.ndarray  # [N] str, one of SPLITS
     labels: np.ndarray  # [N, C] uint8
     notes: list[str] = field(default_factory=list)  # what was skipped or dropped, for the report
+    files: list[dict] = field(default_factory=list)  # path, format, rows, sha256 of each label file
 
     def counts(self) -> dict[str, int]:
         return {s: int((self.splits == s).sum()) for s in SPLITS}
@@ -58,190 +55,100 @@ class Annotations:
 
 # ---------------------------------------------------------------- adapters
 
-def load_annotations(dataset: str, root: str | Path, split: int = 0, top_n: int = 50) -> Annotations:
-    """The labels of DATASET found under ROOT (see the README for what ROOT is per dataset)."""
+def load_annotations(dataset: str, root: str | Path, split: int | None = None, top_n: int = 50) -> Annotations:
+    """The labels of DATASET found under ROOT (see the README for what ROOT is per dataset).
+
+    mtt: the top_n tags by count over the whole file (as is standard), the 12:1:3 directory
+    split. MTG-Jamendo: split-N's three files, the train file's tags. custom: a table with path,
+    split and tags columns, the train split's tags. Rows that do not parse are skipped and noted.
+    """
     if dataset not in DATASETS:
         raise UsageError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if split is not None and dataset not in MTG_TASKS:
+        raise UsageError(f"--split {split}: only the MTG-Jamendo datasets have numbered splits "
+                         f"({'mtt has its fixed 12:1:3 split' if dataset == 'mtt' else 'custom files give theirs'})")
     root = Path(root)
     if not root.exists():
         raise UsageError(f"--dataset-root {root}: no such file or directory")
     if dataset == "mtt":
-        return read_mtt(root, top_n=top_n)
+        path = root / "annotations_final.csv" if root.is_dir() else root
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file (mtt needs --dataset-root to hold annotations_final.csv)")
+        return _annotations(dataset, read_label_files([path], top_k=top_n, tags_from="all", format="mtt"))
     if dataset == "custom":
-        return read_custom(root)
-    return read_mtg_jamendo(root, dataset, split=split)
+        if root.is_dir():
+            raise UsageError(f"--dataset-root {root}: for custom, give the label file (TSV/CSV), not a folder")
+        table = read_label_files([root], tags_from="train", format="tsv")
+        if "split" not in table.columns or "tags" not in table.columns:
+            raise UsageError(f"{root}: custom label file needs a header with columns path, split and tags "
+                             f"(it gives {', '.join(table.columns)})")
+        return _annotations(dataset, table)
+    n = 0 if split is None else split
+    if n < 0:
+        raise UsageError(f"--split {n}: expected 0 or more")
+    d = find_mtg_split_dir(root, n)
+    files = [d / f"{MTG_TASKS[dataset]}-{s}.tsv" for s in SPLITS]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such file ({dataset}, split-{n})")
+    return _annotations(dataset, read_label_files(files, tags_from="train", format="mtg-jamendo"))
 
 
-def read_mtt(root: Path, top_n: int = 50) -> Annotations:
-    """MagnaTagATune: the `top_n` most frequent tags (counted over the whole file, as is
-    standard) and the 12:1:3 split by the first character of mp3_path (0-b / c / d-f)."""
-    path = root / "annotations_final.csv" if root.is_dir() else root
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file (mtt needs --dataset-root to hold annotations_final.csv)")
-    notes: list[str] = []
-    skipped = 0
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = csv.reader(f, delimiter="\t")
-        header = [h.strip() for h in next(rows, [])]
-        if len(header) < 3 or header[0] != "clip_id" or header[-1] != "mp3_path":
-            raise UsageError(f"{path}: not MagnaTagATune's annotations_final.csv (expected a tab-separated "
-                             f"header clip_id, tags..., mp3_path; got {header[:2]}...{header[-1:]})")
-        tag_names = header[1:-1]
-        paths, splits, values = [], [], []
-        for lineno, row in enumerate(rows, start=2):
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            reason = None
-            if len(row) != len(header):
-                reason = f"{len(row)} fields, expected {len(header)}"
-            else:
-                mp3 = row[-1].strip()
-                split_name = MTT_SPLIT_OF_DIR.get(mp3[:1].lower()) if "/" in mp3 else None
-                flags = [v.strip() for v in row[1:-1]]
-                if split_name is None:
-                    reason = f"mp3_path {mp3!r} is not in a folder 0-9 or a-f"
-                elif any(v not in ("0", "1") for v in flags):
-                    reason = "tag values other than 0/1"
-            if reason:
-                skipped += 1
-                if skipped <= MAX_NOTES:
-                    notes.append(f"{path}:{lineno}: skipped ({reason})")
-                continue
-            paths.append(mp3)
-            splits.append(split_name)
-            values.append([v == "1" for v in flags])
-    if skipped > MAX_NOTES:
-        notes.append(f"{path}: {skipped} malformed lines skipped in all")
-    if not paths:
-        raise UsageError(f"{path}: no annotated clips")
-    full = np.asarray(values, dtype=np.uint8)
-    order = np.argsort(-full.sum(0, dtype=np.int64), kind="stable")[:top_n]  # ties: file column order
-    return _dedup(Annotations("mtt", [str(path)], [tag_names[i] for i in order], paths,
-                              np.asarray(splits), full[:, order], notes))
+def _annotations(dataset: str, table: LabelTable) -> Annotations:
+    """The tag matrix of the rows that have a split (MagnaTagATune: by the directory rule);
+    the others are skipped and noted like malformed rows."""
+    problems = list(table.problems)
+    paths, splits, rows = [], [], []
+    for row in table.rows:
+        s = mtt_split_of(row.path) if table.format == "mtt" else row.split
+        if not s:
+            why = "mp3_path is not in a one-hex-digit folder 0-9 or a-f" if table.format == "mtt" else "no split given"
+            problems.append(LabelProblem("malformed_row", row.path, why, row.where))
+            continue
+        paths.append(row.path)
+        splits.append(s)
+        rows.append(row)
+    source = [f["path"] for f in table.files]
+    if not table.vocabulary:
+        raise UsageError(f"{', '.join(source)}: no tags in the training split")
+    if not rows:
+        raise UsageError(f"{', '.join(source)}: no usable labelled tracks")
+    col = {t: i for i, t in enumerate(table.vocabulary)}
+    labels = np.zeros((len(rows), len(col)), np.uint8)
+    for i, row in enumerate(rows):
+        labels[i, [col[t] for t in row.tags if t in col]] = 1
+    return Annotations(dataset, source, list(table.vocabulary), paths, np.asarray(splits), labels,
+                       _notes(problems, table), table.files)
+
+
+def _notes(problems: list[LabelProblem], table: LabelTable) -> list[str]:
+    """Skipped rows quoted (a few per kind) and counted; tags outside the vocabulary summarised."""
+    notes = []
+    for kind, verb in (("malformed_row", "skipped"), ("conflicting_rows", "listed again"),
+                       ("duplicate_row", "listed again")):
+        of_kind = [p for p in problems if p.kind == kind]
+        for p in of_kind[:MAX_NOTES]:
+            notes.append(f"{p.where}: {verb} ({p.path + ': ' if p.path and kind != 'malformed_row' else ''}"
+                         f"{p.detail})")
+        if len(of_kind) > MAX_NOTES:
+            notes.append(f"{len(of_kind)} label rows {verb} in all")
+    if table.unknown_tags:
+        names = sorted(table.unknown_tags, key=lambda t: (-table.unknown_tags[t], t))
+        notes.append(f"{len(names)} tags absent from the vocabulary dropped ({', '.join(names[:5])}"
+                     f"{', ...' if len(names) > 5 else ''})")
+    return notes
 
 
 def find_mtg_split_dir(root: Path, split: int) -> Path:
     """ROOT may be the repository clone (data/splits/split-N), or any folder down to split-N itself."""
     name = f"split-{split}"
     for cand in (root / "data" / "splits" / name, root / "splits" / name, root / name, root):
+        if cand == root and root.name.startswith("split-") and root.name != name:
+            continue  # ROOT is another split's folder: not the files asked for
         if cand.is_dir() and any(cand.glob("autotagging*-train.tsv")):
             return cand
     raise UsageError(f"--dataset-root {root}: no {name} split files found (looked in data/splits/{name}, "
                      f"splits/{name}, {name} and the folder itself; expected a clone of mtg-jamendo-dataset)")
-
-
-def read_mtg_jamendo(root: Path, dataset: str, split: int = 0) -> Annotations:
-    """MTG-Jamendo official splits: TRACK_ID ARTIST_ID ALBUM_ID PATH DURATION, then any number of
-    tab-separated tags. The vocabulary is the tags of the train file; others are dropped."""
-    stem = MTG_TASKS[dataset]
-    d = find_mtg_split_dir(root, split)
-    files = {s: d / f"{stem}-{s}.tsv" for s in SPLITS}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise UsageError(f"{missing[0]}: no such file ({dataset}, split-{split})")
-    notes: list[str] = []
-    tracks = {s: _read_mtg_file(files[s], notes) for s in SPLITS}
-    vocab = sorted({t for _, tags in tracks["train"] for t in tags})
-    if not vocab:
-        raise UsageError(f"{files['train']}: no tags in the training split")
-    col = {t: i for i, t in enumerate(vocab)}
-    paths, splits, rows = [], [], []
-    for s in SPLITS:
-        unknown: set[str] = set()
-        for p, tags in tracks[s]:
-            unknown |= tags - col.keys()
-            row = np.zeros(len(vocab), np.uint8)
-            row[[col[t] for t in tags if t in col]] = 1
-            paths.append(p)
-            splits.append(s)
-            rows.append(row)
-        if unknown:
-            notes.append(f"{files[s]}: {len(unknown)} tags absent from the train file dropped "
-                         f"({', '.join(sorted(unknown)[:5])})")
-    return _dedup(Annotations(dataset, [str(p) for p in files.values()], vocab, paths, np.asarray(splits),
-                              np.stack(rows), notes))
-
-
-def _read_mtg_file(path: Path, notes: list[str]) -> list[tuple[str, set[str]]]:
-    lines = path.read_text(encoding="utf-8").splitlines()  # the official files end lines with CRLF
-    head = tuple(f.strip() for f in lines[0].split("\t")[:5]) if lines else ()
-    if head != MTG_HEADER:
-        raise UsageError(f"{path}: not an MTG-Jamendo split file (header should start with "
-                         f"{' '.join(MTG_HEADER)})")
-    out, skipped = [], 0
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 5 or not fields[3].strip():
-            skipped += 1
-            if skipped <= MAX_NOTES:
-                notes.append(f"{path}:{lineno}: skipped ({len(fields)} fields, expected at least 5 with a PATH)")
-            continue
-        out.append((fields[3].strip(), {t.strip() for t in fields[5:] if t.strip()}))
-    if skipped > MAX_NOTES:
-        notes.append(f"{path}: {skipped} malformed lines skipped in all")
-    return out
-
-
-def read_custom(path: Path) -> Annotations:
-    """A TSV or CSV with a header holding `path`, `split` and `tags` columns (tags separated by
-    ',' or '|'; an empty field is a track with no tag). The vocabulary is the train split's tags."""
-    if path.is_dir():
-        raise UsageError(f"--dataset-root {path}: for custom, give the label file (TSV/CSV), not a folder")
-    text = path.read_text(encoding="utf-8-sig")
-    first = text.split("\n", 1)[0]
-    delim = "\t" if "\t" in first else ","
-    rows = csv.reader(text.splitlines(), delimiter=delim)
-    header = [h.strip().lower() for h in next(rows, [])]
-    need = ("path", "split", "tags")
-    if any(c not in header for c in need):
-        raise UsageError(f"{path}: custom label file needs columns path, split and tags (found {header})")
-    ip, is_, it = (header.index(c) for c in need)
-    notes: list[str] = []
-    tracks: list[tuple[str, str, set[str]]] = []
-    for lineno, row in enumerate(rows, start=2):
-        if not any(v.strip() for v in row):
-            continue
-        if len(row) <= max(ip, is_):
-            raise UsageError(f"{path}:{lineno}: {len(row)} fields, expected {len(header)}")
-        row = row + [""] * (len(header) - len(row))  # a missing trailing tags field: no tags
-        split_name = CUSTOM_SPLITS.get(row[is_].strip().lower())
-        if split_name is None:
-            raise UsageError(f"{path}:{lineno}: split {row[is_]!r} is not train, validation or test")
-        tags = {t.strip() for t in row[it].replace("|", ",").split(",") if t.strip()}
-        tracks.append((row[ip].strip(), split_name, tags))
-    vocab = sorted({t for _, s, tags in tracks if s == "train" for t in tags})
-    if not vocab:
-        raise UsageError(f"{path}: no tags in the train split")
-    col = {t: i for i, t in enumerate(vocab)}
-    dropped = {t for _, _, tags in tracks for t in tags} - col.keys()
-    if dropped:
-        notes.append(f"{path}: {len(dropped)} tags absent from the train split dropped "
-                     f"({', '.join(sorted(dropped)[:5])})")
-    labels = np.zeros((len(tracks), len(vocab)), np.uint8)
-    for i, (_, _, tags) in enumerate(tracks):
-        labels[i, [col[t] for t in tags if t in col]] = 1
-    return _dedup(Annotations("custom", [str(path)], vocab, [p for p, _, _ in tracks],
-                              np.asarray([s for _, s, _ in tracks]), labels, notes))
-
-
-def _dedup(ann: Annotations) -> Annotations:
-    """Keep the first row of a path listed twice (a track in two splits would leak)."""
-    seen: dict[str, int] = {}
-    keep = []
-    for i, p in enumerate(ann.paths):
-        if p in seen:
-            continue
-        seen[p] = i
-        keep.append(i)
-    if len(keep) < len(ann.paths):
-        ann.notes.append(f"{len(ann.paths) - len(keep)} duplicate paths in the label files ignored "
-                         f"(first kept), e.g. {next(p for i, p in enumerate(ann.paths) if seen[p] != i)!r}")
-        idx = np.asarray(keep)
-        ann.paths = [ann.paths[i] for i in keep]
-        ann.splits, ann.labels = ann.splits[idx], ann.labels[idx]
-    return ann
 
 
 # ---------------------------------------------------------------- embeddings
@@ -274,7 +181,9 @@ class EmbeddingSet:
         offset = 0
         for f in self.files:
             try:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=["embedding"]):
+                pf = pq.ParquetFile(f)
+                _check_embedding_type(pf.schema_arrow.field("embedding").type, self.dim, f)
+                for batch in pf.iter_batches(batch_size=8192, columns=["embedding"]):
                     n = batch.num_rows
                     where = pos[np.maximum(self.row_track[offset:offset + n], 0)]
                     where[self.row_track[offset:offset + n] < 0] = -1
@@ -287,12 +196,28 @@ class EmbeddingSet:
                     idx = torch.from_numpy(where[sel])
                     out.index_add_(0, idx, torch.from_numpy(vec[(np.cumsum(valid) - 1)[sel]]))
                     count.index_add_(0, idx, torch.ones(len(sel)))
-            except OSError as e:
+            except (OSError, KeyError) as e:
                 raise ProbeError(f"{f}: cannot read embeddings ({e})") from None
         if offset != self.n_rows:
             raise ProbeError(f"{self.directory}: the dataset changed while it was read")
         out /= count[:, None]  # a track whose every row is null becomes NaN, dropped by the caller
         return out.numpy()
+
+
+def _check_embedding_type(etype, dim: int | None, where: str) -> int | None:
+    """A list of floats; a fixed size must be `dim` (None: not known yet). Returns the size
+    (None for variable-length lists, checked row by row when read)."""
+    import pyarrow as pa
+
+    if not (pa.types.is_fixed_size_list(etype) or pa.types.is_list(etype) or pa.types.is_large_list(etype)) \
+            or not pa.types.is_floating(etype.value_type):
+        raise UsageError(f"{where}: column 'embedding' is {etype}, expected a list of floats")
+    if pa.types.is_fixed_size_list(etype):
+        if dim is not None and etype.list_size != dim:
+            raise UsageError(f"{where}: embeddings of {etype.list_size} values, other files of this folder have "
+                             f"{dim}; probe one model and block per folder")
+        return etype.list_size
+    return None
 
 
 def _embedding_array(col, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -305,11 +230,17 @@ def _embedding_array(col, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]
     valid = col.is_valid().to_numpy(zero_copy_only=False).astype(bool)
     if col.null_count:
         col = col.drop_null()
-    if not pa.types.is_fixed_size_list(col.type):
+    if pa.types.is_fixed_size_list(col.type):
+        if col.type.list_size != dim:  # never reshape rows of another size into `dim` columns
+            raise UsageError(f"{where}: embeddings of {col.type.list_size} values, expected {dim}")
+    else:
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths != dim).any():
-            raise ProbeError(f"{where}: embeddings of different lengths ({sorted(set(lengths.tolist()))[:3]})")
+            raise UsageError(f"{where}: embeddings of {sorted(set(lengths.tolist()) - {dim})[0]} values, "
+                             f"expected {dim} as in the rest of the folder; probe one model and block per folder")
     flat = col.flatten().to_numpy(zero_copy_only=False)
+    if flat.size != len(col) * dim:
+        raise UsageError(f"{where}: embeddings that are not rows of {dim} values")
     return valid, flat.astype(np.float32, copy=False).reshape(-1, dim)
 
 
@@ -336,13 +267,23 @@ def open_embeddings(directory: str | Path) -> EmbeddingSet:
     missing = [c for c in ("path", "embedding") if c not in names]
     if missing:
         raise UsageError(f"{d}: not a `maest extract` dataset (no column {', '.join(missing)})")
-    etype = ds.schema.field("embedding").type
-    if not (pa.types.is_fixed_size_list(etype) or pa.types.is_list(etype) or pa.types.is_large_list(etype)):
-        raise UsageError(f"{d}: column 'embedding' is {etype}, expected a list of floats")
-
-    metas = {}
+    # every file's own column type: a dataset schema is the first file's, and a part file of
+    # another size would otherwise be reshaped into the wrong number of columns
+    dim, dim_file, metas = None, None, {}
     for f in files:
-        raw = (pq.read_schema(f).metadata or {}).get(b"maest")
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ProbeError(f"{f}: cannot read ({e})") from None
+        if "embedding" not in schema.names:
+            raise UsageError(f"{f}: no column 'embedding' (not a `maest extract` file)")
+        size = _check_embedding_type(schema.field("embedding").type, None, f)
+        if size is not None and dim is not None and size != dim:
+            raise UsageError(f"{d}: embeddings of different sizes: {dim_file} has {dim} values per row, {f} has "
+                             f"{size}; probe one model and block per folder")
+        if size is not None and dim is None:
+            dim, dim_file = size, f
+        raw = (schema.metadata or {}).get(b"maest")
         try:
             metas[f] = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
@@ -364,9 +305,9 @@ def open_embeddings(directory: str | Path) -> EmbeddingSet:
     n_rows = ids.num_rows
     path_col = pc.cast(ids.column("path"), pa.string())
     root_col = pc.cast(ids.column("root"), pa.string()) if "root" in names else pa.array([""] * n_rows)
-    track_key = pc.binary_join_element_wise(pc.fill_null(root_col, ""), pc.fill_null(path_col, ""), "\x00")
-    enc = track_key.combine_chunks().dictionary_encode() if isinstance(track_key, pa.ChunkedArray) \
-        else track_key.dictionary_encode()
+    ident = pc.binary_join_element_wise(pc.fill_null(root_col, ""), pc.fill_null(path_col, ""), "\x00")
+    enc = ident.combine_chunks().dictionary_encode() if isinstance(ident, pa.ChunkedArray) \
+        else ident.dictionary_encode()
     row_track = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     notes = []
     null_path = np.asarray(pc.is_null(path_col).to_numpy(zero_copy_only=False), bool)
@@ -382,20 +323,22 @@ def open_embeddings(directory: str | Path) -> EmbeddingSet:
             row_track[dup] = -1
             notes.append(f"{int(dup.sum())} duplicate segment rows ignored")
     split = [s.split("\x00", 1) for s in enc.dictionary.to_pylist()]
-    dim = etype.list_size if pa.types.is_fixed_size_list(etype) else _first_length(files[0])
+    dim = dim if dim is not None else _first_length(files)
     return EmbeddingSet(str(d), files, int(dim), metas[files[0]], [r for r, _ in split], [p for _, p in split],
                         row_track, n_rows, segment_rows, notes)
 
 
-def _first_length(file: str) -> int:
+def _first_length(files: list[str]) -> int:
+    """The size of the first non-null embedding (variable-length list columns)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    col = pq.read_table(file, columns=["embedding"]).column(0)
-    lengths = pc.list_value_length(col).drop_null().to_numpy(zero_copy_only=False)
-    if not len(lengths):
-        raise ProbeError(f"{file}: no embeddings")
-    return int(lengths[0])
+    for file in files:
+        col = pq.read_table(file, columns=["embedding"]).column(0)
+        lengths = pc.list_value_length(col).drop_null().to_numpy(zero_copy_only=False)
+        if len(lengths):
+            return int(lengths[0])
+    raise ProbeError(f"{files[0]}: no embeddings")
 
 
 def describe_embeddings(meta: dict) -> dict:
@@ -414,16 +357,6 @@ def describe_embeddings(meta: dict) -> dict:
 
 # ---------------------------------------------------------------- join
 
-def track_key(path: str) -> str:
-    """A path with its audio extension (and MTG-Jamendo's `.low`) removed: the join key."""
-    p = posixpath.normpath(path.strip().replace("\\", "/"))
-    head, name = posixpath.split(p)
-    stem, dot, ext = name.rpartition(".")
-    if dot and stem:
-        name = stem[:-4] if stem.endswith(".low") and len(stem) > 4 else stem
-    return posixpath.join(head, name) if head else name
-
-
 @dataclass
 class Join:
     """Which embedding track holds each labelled track; what matched and what did not."""
@@ -435,60 +368,80 @@ class Join:
     labels_without_embedding: list[str]  # examples
     embeddings_without_label: list[str]  # examples
     n_embeddings_without_label: int
-    n_ambiguous: int  # embedding tracks that matched a label already taken
+    n_clashes: int = 0  # labelled tracks left unmatched because their path key is not unique
+    clashes: list[str] = field(default_factory=list)  # examples
 
     def report(self) -> dict:
         return {"labelled": self.n_labelled, "matched": self.n_matched,
                 "labelled_without_embedding": self.n_labelled - self.n_matched,
                 "embeddings": self.n_embedding_tracks,
                 "embeddings_without_label": self.n_embeddings_without_label,
-                "ambiguous_embeddings": self.n_ambiguous,
+                "key_clashes": self.n_clashes,
                 "examples_labelled_without_embedding": self.labels_without_embedding,
-                "examples_embeddings_without_label": self.embeddings_without_label}
+                "examples_embeddings_without_label": self.embeddings_without_label,
+                "examples_key_clashes": self.clashes}
 
 
 def join_tracks(ann: Annotations, emb: EmbeddingSet, min_match: float = 0.5, examples: int = 3) -> Join:
-    """Match labelled tracks to embedding tracks by path key: first the path as it is (or
-    ROOT/path, for label files with absolute paths), then with leading folders of the
-    embedding path removed (extract run on a parent of the dataset's audio folder).
+    """Match labelled tracks to embedding tracks by path, with the rule `prepare-mels` uses to
+    match labels to audio (labels.match_audio): the exact path first (the embedding's path, or
+    ROOT/path for label files with absolute paths); then, for the rest, the one embedding with
+    the same `audio_key` (another audio extension, `.low.mp3`), also after removing leading
+    folders of the embedding path (extract run on a parent of the dataset's audio folder).
 
+    A key shared by two labelled tracks or two embeddings is a clash: reported with examples,
+    and the labelled track stays unmatched rather than take one of them at random.
     Fewer than `min_match` of the labelled tracks matched means the two sides do not describe
     the same audio (wrong folder, wrong dataset): a usage error that shows both sides' paths.
     """
-    by_key: dict[str, int] = {}
+    label_of_path = {p: i for i, p in enumerate(ann.paths)}  # paths are normalised and unique
+    labels_of_key: dict[str, list[int]] = {}
     for i, p in enumerate(ann.paths):
-        by_key.setdefault(track_key(p), i)
+        labels_of_key.setdefault(audio_key(p), []).append(i)
     owner = np.full(len(ann.paths), -1, np.int64)
     matched_emb = np.zeros(len(emb.paths), bool)
-    ambiguous = 0
+    full = [normalize_path(posixpath.join(r, p)) if r else None for r, p in zip(emb.roots, emb.paths)]
+    rel = [normalize_path(p) for p in emb.paths]
 
-    def claim(i: int, j: int) -> None:
-        nonlocal ambiguous
-        if owner[i] < 0:
-            owner[i] = j
-            matched_emb[j] = True
-        else:
-            ambiguous += 1
-
-    for j, (root, path) in enumerate(zip(emb.roots, emb.paths)):
-        for cand in (path, posixpath.join(root, path) if root else None):
-            i = by_key.get(track_key(cand)) if cand else None
-            if i is not None:
-                claim(i, j)
-                break
-    for j in np.flatnonzero(~matched_emb):
-        parts = track_key(emb.paths[j]).split("/")
-        for k in range(1, len(parts)):
-            i = by_key.get("/".join(parts[k:]))
+    for j in range(len(emb.paths)):  # 1. exact paths
+        for cand in (rel[j], full[j]):
+            i = label_of_path.get(cand) if cand else None
             if i is not None and owner[i] < 0:
-                claim(i, j)
+                owner[i], matched_emb[j] = j, True
                 break
+
+    candidates: dict[int, list[int]] = {}  # 2. by key, among what is left on both sides
+    clashed: set[int] = set()
+    clash_notes: list[str] = []
+    for j in np.flatnonzero(~matched_emb):
+        key = audio_key(rel[j])
+        parts = key.split("/")
+        keys = [key, audio_key(full[j]) if full[j] else ""] + ["/".join(parts[k:]) for k in range(1, len(parts))]
+        for k in filter(None, keys):
+            found = [i for i in labels_of_key.get(k, []) if owner[i] < 0]
+            if len(found) == 1:
+                candidates.setdefault(found[0], []).append(j)
+            elif found:  # two labelled tracks differ only by their audio extension
+                clashed.update(found)
+                clash_notes.append(f"embedding {emb.paths[j]!r} matches labelled tracks "
+                                   f"{', '.join(repr(ann.paths[i]) for i in found[:3])}")
+            if found:
+                break
+    for i, js in candidates.items():
+        if len(js) > 1:  # two embeddings differ only by their audio extension
+            clashed.add(i)
+            clash_notes.append(f"labelled track {ann.paths[i]!r} matches embeddings "
+                               f"{', '.join(repr(emb.paths[j]) for j in js[:3])}")
+        elif i not in clashed:
+            owner[i], matched_emb[js[0]] = js[0], True
+
     n_matched = int((owner >= 0).sum())
     lost = [ann.paths[i] for i in np.flatnonzero(owner < 0)[:examples]]
     extra_idx = np.flatnonzero(~matched_emb)
     extra = [posixpath.join(emb.roots[j], emb.paths[j]) if emb.roots[j] else emb.paths[j]
              for j in extra_idx[:examples]]
-    join = Join(owner, len(ann.paths), n_matched, len(emb.paths), lost, extra, len(extra_idx), ambiguous)
+    join = Join(owner, len(ann.paths), n_matched, len(emb.paths), lost, extra, len(extra_idx), len(clashed),
+                clash_notes[:examples])
     if n_matched < min_match * len(ann.paths):
         emb_examples = [emb.paths[j] for j in range(min(examples, len(emb.paths)))]
         raise UsageError(

@@ -1,7 +1,10 @@
 """Tagging metrics: macro ROC-AUC and macro PR-AUC (average precision), scikit-learn's definitions.
 
-A tag whose column in a split is all 0 or all 1 has no ROC curve there: it is left out of
-the macro average of that split and reported, never a crash. `fast_macro_roc_auc` is the
+Macro averages are over the tags present in the split: a tag whose column there is all 0
+or all 1 has no ROC curve, so it is left out of BOTH macro averages of that split (the same
+tags for both figures) and listed in results.json, never a crash. This differs from calling
+scikit-learn with average="macro" on the whole matrix, which gives no ROC-AUC for such a tag
+(NaN) and counts its average precision as 0 (all-0) or 1 (all-1). `fast_macro_roc_auc` is the
 same ROC-AUC computed from ranks (Mann-Whitney U, ties as average ranks) for all tags at once;
 it scores the validation split after every epoch, where calling scikit-learn per tag would
 cost as much as the epoch. The final test figures come from scikit-learn itself.
@@ -10,6 +13,11 @@ cost as much as the epoch. The final test figures come from scikit-learn itself.
 from __future__ import annotations
 
 import numpy as np
+
+
+MACRO_AVERAGE = ("mean over the tags present in the split (at least one positive and one negative track "
+                 "there); tags all-0 or all-1 in the split are left out of both averages and listed in "
+                 "excluded_tags")
 
 
 def evaluable(y: np.ndarray) -> np.ndarray:

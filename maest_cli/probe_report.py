@@ -16,6 +16,8 @@ from .runtime import UsageError
 
 
 def read_results(path: str | Path) -> dict:
+    """A results.json of `maest probe`, checked for what the tables read: a wrong or damaged
+    file is a one-line UsageError naming it, not a traceback halfway through a table."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: no such file")
@@ -25,7 +27,41 @@ def read_results(path: str | Path) -> dict:
         raise UsageError(f"{p}: not JSON ({e})") from None
     if not isinstance(data, dict) or not str(data.get("format", "")).startswith("maest-probe/"):
         raise UsageError(f"{p}: not a `maest probe` results.json")
+    problem = _shape_problem(data)
+    if problem:
+        raise UsageError(f"{p}: incomplete `maest probe` results.json ({problem})")
     return data
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shape_problem(data: dict) -> str | None:
+    """What is missing or mistyped among the keys the tables use; None if all is there."""
+    dataset = data.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("name"), str):
+        return "no dataset.name"
+    test = data.get("test")
+    if not isinstance(test, dict):
+        return "no test scores"
+    for key in ("roc_auc", "pr_auc"):
+        stat = test.get(key)
+        if stat is None:
+            continue
+        if not isinstance(stat, dict) or not (stat.get("mean") is None or _is_number(stat.get("mean"))) or \
+                not (stat.get("std") is None or _is_number(stat.get("std"))) or \
+                not isinstance(stat.get("values", []), list):
+            return f"test.{key} is not {{mean, std, values}}"
+    if test.get("n_seeds") is not None and not isinstance(test.get("n_seeds"), int):
+        return "test.n_seeds is not a number"
+    for key in ("selected", "grid"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"{key} is not an object"
+    val = (data.get("selected") or {}).get("val_roc_auc")
+    if val is not None and not _is_number(val):
+        return "selected.val_roc_auc is not a number"
+    return None
 
 
 def _pct(stat: dict | None, key: str = "mean") -> str:

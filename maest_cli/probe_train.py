@@ -1,27 +1,23 @@
-"""Training the probe: the paper's MLP and learning-rate schedule on in-memory embeddings.
+"""Training the probe: the authors' MLP and learning-rate schedule on in-memory embeddings.
 
 An MLP Linear(D, 512)-ReLU-Dropout-Linear(512, tags) is trained with binary cross-entropy
-and AdamW on embeddings standardised with training-split statistics. The learning rate rises
-exponentially for 10 epochs, is held, then falls linearly over the last 10; each run keeps the
-weights of its epoch with the best validation macro ROC-AUC. Everything runs on one tensor
-per split: batches are rows picked by a random permutation (no DataLoader), evaluation is one
-forward over the whole split, so a CPU is enough.
-
-Runs that differ only in their number of epochs share everything up to the start of their
-decay (same seed, same batches, same learning rates), so `train_runs` trains them as one
-trunk forked at each decay start: the paper grid costs 130 epochs per setting instead of 330,
-with the same results as separate runs (tested). Dropout and batch order draw from the run's
-own generator, so a run is reproducible and a fork is an exact copy.
+and AdamW(lr=max_lr, weight_decay=1e-3) on embeddings standardised with training-split
+statistics. The learning rate follows the authors' probe code (MAEST ex_tl.py, PaSST's
+exp_warmup_linear_down), set once per epoch: an exponential warm-up over 10 epochs, then a
+linear decay to 1e-7 x max_lr over the rest of the run; `hold_epochs` (default 0, as their
+code) keeps the maximum for that many epochs before the decay. Each run keeps the weights of
+its epoch with the best validation macro ROC-AUC. Everything runs on one tensor per split:
+batches are rows picked by a random permutation (no DataLoader), evaluation is one forward
+over the whole split, so a CPU is enough. Dropout and batch order draw from the run's own
+generator, so a run is reproducible on its own (grid points are independent runs).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, read_toml
-from .probe_data import SPLITS, Annotations, EmbeddingSet, Join
+from .labels import SPLITS
+from .probe_data import Annotations, EmbeddingSet, Join
 from .probe_metrics import evaluable, fast_macro_roc_auc
 from .runtime import UsageError
 
 EVAL_CHUNK = 16384  # rows per forward when scoring a whole split
+GRID_AXES = ("batch_size", "epochs", "dropout", "lr")
 
 
 # ---------------------------------------------------------------- protocol and grids
@@ -45,22 +43,49 @@ class Protocol:
     hidden: int = 512
     weight_decay: float = 1e-3
     warmup_epochs: int = 10
-    decay_epochs: int = 10
-    lr_start_factor: float = 0.01
-    lr_end_factor: float = 0.01
+    hold_epochs: int = 0
+    lr_last_factor: float = 1e-7  # the decay ends at max_lr * lr_last_factor
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.decay_epochs < 0:
-            raise ConfigError(f"probe protocol {self}: hidden >= 1, weight_decay, warmup_epochs, decay_epochs >= 0")
-        if not (0 < self.lr_start_factor <= 1 and 0 <= self.lr_end_factor <= 1):
-            raise ConfigError(f"probe protocol {self}: 0 < lr_start_factor <= 1 and 0 <= lr_end_factor <= 1")
+        ints = (self.hidden, self.warmup_epochs, self.hold_epochs)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        for v in (self.weight_decay, self.lr_last_factor)):
+            raise ConfigError(f"probe protocol {self}: hidden, warmup_epochs, hold_epochs are integers, "
+                              f"weight_decay and lr_last_factor numbers")
+        if self.hidden < 1 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.hold_epochs < 0:
+            raise ConfigError(f"probe protocol {self}: hidden >= 1, weight_decay, warmup_epochs, hold_epochs >= 0")
+        if not 0 <= self.lr_last_factor <= 1:
+            raise ConfigError(f"probe protocol {self}: 0 <= lr_last_factor <= 1")
 
-    def phases(self, epochs: int) -> tuple[int, int]:
-        """(warm-up, decay) epochs of a run; short runs give each phase a third."""
-        return min(self.warmup_epochs, epochs // 3), min(self.decay_epochs, epochs // 3)
+    def decay_start(self) -> int:
+        return self.warmup_epochs + self.hold_epochs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def lr_factor(epoch: int, epochs: int, protocol: Protocol) -> float:
+    """The multiplier of max_lr during 0-based `epoch` of a run of `epochs` (LambdaLR's lambda).
+
+    Warm-up (epoch < W): exp(-5 (1 - e/W)^2) with e at least 0.5, i.e. about 0.011 at epoch 0.
+    Then 1 until the decay starts at S = W + hold, then linear over L = epochs - S epochs:
+    last + (1 - last) (L - (e - S)) / L, so epoch S is still 1 and the last epoch is
+    last + (1 - last) / L. With hold 0 this is PaSST's exp_warmup_linear_down(W, E - W, W, last)
+    as the authors call it."""
+    w, start = protocol.warmup_epochs, protocol.decay_start()
+    up = 1.0
+    if epoch < w:
+        phase = 1.0 - max(epoch, 0.5) / w
+        up = math.exp(-5.0 * phase * phase)
+    length, last = epochs - start, protocol.lr_last_factor
+    if epoch <= start:
+        down = 1.0
+    elif epoch - start < length:
+        down = last + (1.0 - last) * (length - epoch + start) / length
+    else:
+        down = last
+    return up * down
 
 
 @dataclass(frozen=True)
@@ -79,23 +104,26 @@ class ProbeConfig:
         return dataclasses.asdict(self)
 
 
-def lr_at(t: float, max_lr: float, warm: int, decay_start: float | None, end: float,
-          protocol: Protocol) -> float:
-    """Learning rate at fractional epoch t: exponential warm-up, hold, then (from decay_start,
-    if any) linear decay to max_lr * lr_end_factor at `end`."""
-    if t < warm:
-        return max_lr * protocol.lr_start_factor ** (1.0 - t / warm)
-    if decay_start is None or t < decay_start:
-        return max_lr
-    frac = min(1.0, (t - decay_start) / max(end - decay_start, 1e-12))
-    return max_lr * (1.0 - (1.0 - protocol.lr_end_factor) * frac)
+def _axis(table: dict, name: str, source: str, grid: str) -> list:
+    if name not in table:
+        raise ConfigError(f"{source}: grid {grid!r} needs lists {', '.join(GRID_AXES)} (no {name})")
+    values = table[name]
+    if not isinstance(values, list) or not values or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{source}: grid {grid!r}: {name} must be a non-empty list of numbers (got {values!r})")
+    if name in ("batch_size", "epochs") and not all(float(v).is_integer() for v in values):
+        raise ConfigError(f"{source}: grid {grid!r}: {name} must be whole numbers (got {values!r})")
+    return values
 
 
 def load_grid(name_or_path: str) -> tuple[str, Protocol, list[ProbeConfig]]:
     """A grid by name (configs/probe.toml) or from a TOML file with the same keys."""
     base = read_toml("probe.toml")
     if Path(name_or_path).is_file():
-        data = read_toml(name_or_path)
+        try:
+            data = read_toml(name_or_path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name_or_path}: not UTF-8 text ({e.reason})") from None
         table = data.get("grid", data)
         proto = {**base.get("protocol", {}), **data.get("protocol", {})}
         source = str(name_or_path)
@@ -104,19 +132,24 @@ def load_grid(name_or_path: str) -> tuple[str, Protocol, list[ProbeConfig]]:
         if name_or_path not in grids:
             raise UsageError(f"--grid {name_or_path!r}: expected one of {', '.join(grids)} or a TOML file")
         table, proto, source = grids[name_or_path], base.get("protocol", {}), "probe.toml"
+    if not isinstance(table, dict) or not isinstance(proto, dict):
+        raise ConfigError(f"{source}: [grid] and [protocol] must be tables")
     try:
         protocol = Protocol(**proto)
-        axes = [list(table[k]) for k in ("batch_size", "epochs", "dropout", "lr")]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{source}: grid {name_or_path!r} needs lists batch_size, epochs, dropout, lr "
-                          f"and a valid [protocol] ({e})") from None
+    except TypeError as e:
+        raise ConfigError(f"{source}: invalid [protocol] ({e}); keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(Protocol))}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    axes = [_axis(table, k, source, name_or_path) for k in GRID_AXES]
     configs = [ProbeConfig(int(b), int(e), float(d), float(lr))
                for b in axes[0] for e in axes[1] for d in axes[2] for lr in axes[3]]
     for c in configs:
-        if c.batch_size < 1 or c.epochs < 1 or not 0 <= c.dropout < 1 or not c.lr > 0:
+        if c.batch_size < 1 or c.epochs < 1 or not 0 <= c.dropout < 1 or not (0 < c.lr < math.inf):
             raise ConfigError(f"{source}: invalid grid point {c} (batch and epochs >= 1, 0 <= dropout < 1, lr > 0)")
-    if not configs:
-        raise ConfigError(f"{source}: grid {name_or_path!r} is empty")
+        if c.epochs <= protocol.decay_start():
+            raise ConfigError(f"{source}: {c.epochs} epochs leave no decay after {protocol.warmup_epochs} warm-up "
+                              f"and {protocol.hold_epochs} hold epochs; use more epochs or a shorter [protocol]")
     return Path(name_or_path).stem if source != "probe.toml" else name_or_path, protocol, configs
 
 
@@ -200,8 +233,8 @@ def column_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarr
 # ---------------------------------------------------------------- the MLP
 
 class ProbeMLP(nn.Module):
-    """Linear(D, hidden) - ReLU - Dropout - Linear(hidden, tags). Dropout draws from the run's
-    own generator so that runs are reproducible and forks equal separate runs."""
+    """Linear(D, hidden) - ReLU - Dropout - Linear(hidden, tags). Initialisation and dropout
+    draw from the run's own generators, so a run is reproducible whatever ran before it."""
 
     def __init__(self, dim: int, n_tags: int, hidden: int = 512, dropout: float = 0.5,
                  generator: torch.Generator | None = None):
@@ -234,31 +267,6 @@ def logits_of(state: dict[str, torch.Tensor], x: torch.Tensor) -> np.ndarray:
 # ---------------------------------------------------------------- training runs
 
 @dataclass
-class _Run:
-    """The mutable state of one training run (forkable)."""
-
-    model: ProbeMLP
-    opt: torch.optim.Optimizer
-    gen: torch.Generator
-    epoch: int = 0
-    best_auc: float = -math.inf
-    best_epoch: int = 0
-    best_state: dict | None = None
-    val_history: list = field(default_factory=list)
-    loss_history: list = field(default_factory=list)
-    diverged: bool = False
-
-    def fork(self, protocol: Protocol) -> "_Run":
-        model = copy.deepcopy(self.model)
-        opt = _adamw(model, 0.0, protocol)
-        opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))
-        gen = torch.Generator(device=self.gen.device)
-        gen.set_state(self.gen.get_state())
-        return _Run(model, opt, gen, self.epoch, self.best_auc, self.best_epoch, self.best_state,
-                    list(self.val_history), list(self.loss_history), self.diverged)
-
-
-@dataclass
 class RunResult:
     config: ProbeConfig
     seed: int
@@ -266,13 +274,15 @@ class RunResult:
     val_roc_auc: float
     val_history: list[float]
     loss_history: list[float]
+    lr_history: list[float]
     diverged: bool
     state: dict | None  # the best epoch's weights (cpu)
 
     def point(self) -> dict:
         return {**self.config.to_dict(), "key": self.config.key(), "seed": self.seed,
                 "val_roc_auc": self.val_roc_auc, "best_epoch": self.best_epoch, "diverged": self.diverged,
-                "val_roc_auc_per_epoch": self.val_history, "train_loss_per_epoch": self.loss_history}
+                "val_roc_auc_per_epoch": self.val_history, "train_loss_per_epoch": self.loss_history,
+                "lr_per_epoch": self.lr_history}
 
 
 def _adamw(model: nn.Module, lr: float, protocol: Protocol) -> torch.optim.Optimizer:
@@ -284,72 +294,46 @@ def _adamw(model: nn.Module, lr: float, protocol: Protocol) -> torch.optim.Optim
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=protocol.weight_decay)
 
 
-def _new_run(data: ProbeData, dropout: float, lr: float, seed: int, protocol: Protocol,
-             device: torch.device) -> _Run:
-    init = torch.Generator().manual_seed(seed)
-    model = ProbeMLP(data.dim, len(data.tags), protocol.hidden, dropout, generator=init).to(device)
-    opt = _adamw(model, lr, protocol)
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    return _Run(model, opt, gen)
-
-
-def _train_epoch(run: _Run, data: ProbeData, batch_size: int, lr_of: Callable[[float], float],
-                 val_mask: np.ndarray) -> None:
-    """One pass over the training split in a random order, then score the validation split."""
+def train_run(data: ProbeData, config: ProbeConfig, seed: int, protocol: Protocol,
+              device: torch.device) -> RunResult:
+    """One run of `config`: `config.epochs` passes over the training split in a random order,
+    the learning rate set by `lr_factor` at the start of each epoch, the validation split
+    scored after each; the weights of the best validation epoch are kept. Stops early only if
+    the loss stops being finite (diverged)."""
     train, val = data.splits["train"], data.splits["validation"]
+    val_mask = evaluable(val.y_np)
+    model = ProbeMLP(data.dim, len(data.tags), protocol.hidden, config.dropout,
+                     generator=torch.Generator().manual_seed(seed)).to(device)
+    opt = _adamw(model, config.lr, protocol)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, config.epochs, protocol))
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     n = len(train)
-    steps = math.ceil(n / batch_size)
-    perm = torch.randperm(n, generator=run.gen, device=train.x.device)
-    run.model.train()
-    total = torch.zeros((), device=train.x.device)
-    for s in range(steps):
-        idx = perm[s * batch_size:(s + 1) * batch_size]
-        lr = lr_of(run.epoch + s / steps)
-        for group in run.opt.param_groups:
-            group["lr"] = lr
-        loss = F.binary_cross_entropy_with_logits(run.model(train.x[idx], run.gen), train.y[idx])
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.opt.step()
-        total += loss.detach() * len(idx)
-    run.epoch += 1
-    mean_loss = float(total) / n
-    run.loss_history.append(mean_loss)
-    run.model.eval()
-    state = {k: v.detach() for k, v in run.model.state_dict().items()}
-    auc = fast_macro_roc_auc(val.y_np, logits_of(state, val.x), val_mask)
-    run.val_history.append(auc)
-    if not math.isfinite(mean_loss):
-        run.diverged = True
-    if math.isfinite(auc) and auc > run.best_auc:
-        run.best_auc, run.best_epoch = auc, run.epoch
-        run.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def train_runs(data: ProbeData, batch_size: int, dropout: float, lr: float, epochs: list[int], seed: int,
-               protocol: Protocol, device: torch.device) -> list[RunResult]:
-    """One run per number of epochs (same other settings and seed), sharing the common trunk.
-
-    A run of E epochs with phases (warm, decay) follows the same learning rates as any longer
-    run with the same phases until epoch E - decay; the trunk is trained with warm-up and hold
-    only, and forked there into the run's decay.
-    """
-    val_mask = evaluable(data.splits["validation"].y_np)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for e in sorted(set(epochs)):
-        groups.setdefault(protocol.phases(e), []).append(e)
-    results: dict[int, RunResult] = {}
-    for (warm, decay), group in groups.items():
-        trunk = _new_run(data, dropout, lr, seed, protocol, device)
-        hold = lambda t, warm=warm: lr_at(t, lr, warm, None, 0.0, protocol)  # noqa: E731
-        for k, e in enumerate(group):
-            while trunk.epoch < e - decay and not trunk.diverged:
-                _train_epoch(trunk, data, batch_size, hold, val_mask)
-            run = trunk if k == len(group) - 1 else trunk.fork(protocol)
-            fall = lambda t, e=e, warm=warm, decay=decay: lr_at(t, lr, warm, e - decay, e, protocol)  # noqa: E731
-            while run.epoch < e and not run.diverged:
-                _train_epoch(run, data, batch_size, fall, val_mask)
-            results[e] = RunResult(ProbeConfig(batch_size, e, dropout, lr), seed, run.best_epoch,
-                                   run.best_auc if run.best_state is not None else float("nan"),
-                                   run.val_history, run.loss_history, run.diverged, run.best_state)
-    return [results[e] for e in epochs]
+    best_auc, best_epoch, best_state, diverged = -math.inf, 0, None, False
+    val_history, loss_history, lr_history = [], [], []
+    for epoch in range(config.epochs):
+        lr_history.append(opt.param_groups[0]["lr"])
+        perm = torch.randperm(n, generator=gen, device=train.x.device)
+        model.train()
+        total = torch.zeros((), device=train.x.device)
+        for start in range(0, n, config.batch_size):
+            idx = perm[start:start + config.batch_size]
+            loss = F.binary_cross_entropy_with_logits(model(train.x[idx], gen), train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        schedule.step()
+        mean_loss = float(total) / n
+        loss_history.append(mean_loss)
+        model.eval()
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        auc = fast_macro_roc_auc(val.y_np, logits_of(state, val.x), val_mask)
+        val_history.append(auc)
+        if math.isfinite(auc) and auc > best_auc:
+            best_auc, best_epoch = auc, epoch + 1
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        if not math.isfinite(mean_loss):
+            diverged = True
+            break
+    return RunResult(config, seed, best_epoch, best_auc if best_state is not None else float("nan"),
+                     val_history, loss_history, lr_history, diverged, best_state)

@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from maest_cli.cli import app
 from maest_cli.probe import load_probe, probe
+from maest_cli.config import ConfigError
 from maest_cli.probe_train import (ProbeConfig, ProbeData, Protocol, SplitData, column_stats, load_grid, logits_of,
-                                   lr_at, train_runs)
+                                   lr_factor, train_run)
 from maest_cli.probe_data import (ProbeError, UsageError, describe_embeddings, join_tracks, load_annotations,
-                                  open_embeddings, track_key)
+                                  open_embeddings)
 from maest_cli.probe_metrics import fast_macro_roc_auc, macro_scores, per_tag_scores
 
 FIX = Path(__file__).parent / "fixtures" / "probe"
@@ -84,11 +85,17 @@ def write_custom_task(tmp: Path, x, y, splits, rare_train_tag: bool = True, ext:
     return tmp / "labels.tsv", tmp / "emb"
 
 
-def tiny_grid(tmp: Path, lrs=(3e-3,), dropouts=(0.5,), epochs=(9,), batch=(64,)) -> str:
+def tiny_grid(tmp: Path, lrs=(3e-3,), dropouts=(0.5,), epochs=(9,), batch=(64,), warmup=2) -> str:
+    """A grid file with a small MLP and a short warm-up (the authors' 10 epochs would leave
+    these short runs no decay)."""
     p = tmp / "grid.toml"
     p.write_text(f"batch_size = {list(batch)}\nepochs = {list(epochs)}\ndropout = {list(dropouts)}\n"
-                 f"lr = {list(lrs)}\n[protocol]\nhidden = 64\n")
+                 f"lr = {list(lrs)}\n[protocol]\nhidden = 64\nwarmup_epochs = {warmup}\n")
     return str(p)
+
+
+def run(data, batch, dropout, lr, epochs, seed, protocol):
+    return train_run(data, ProbeConfig(batch, epochs, dropout, lr), seed, protocol, torch.device("cpu"))
 
 
 def make_data(x, y, splits) -> ProbeData:
@@ -155,9 +162,31 @@ def test_mtg_jamendo_split_files():
     assert load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo/data/splits").paths == ann.paths
 
 
+def test_mtg_jamendo_other_split():
+    """--split 1 reads split-1's files: another partition of the same tracks, with its own
+    train vocabulary; the split-0 folder given as root is not taken for split-1."""
+    zero = load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo")
+    one = load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo", split=1)
+    assert all("split-1" in f for f in one.source) and all("split-0" in f for f in zero.source)
+    assert sorted(one.paths) == sorted(zero.paths) and one.counts() == {"train": 21, "validation": 4, "test": 4}
+    split_of = dict(zip(one.paths, one.splits))
+    assert split_of["14/214.mp3"] == "test" and split_of["26/226.mp3"] == "validation"
+    assert "genre---funk" in one.tags and "genre---funk" not in zero.tags  # a train tag in split-1 only
+    assert load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo/data/splits/split-1", split=1).paths == one.paths
+    with pytest.raises(UsageError, match="no split-1 split files"):
+        load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo/data/splits/split-0", split=1)
+
+
+def test_split_is_refused_where_it_means_nothing(tmp_path):
+    with pytest.raises(UsageError, match="--split 1: only the MTG-Jamendo datasets"):
+        load_annotations("mtt", FIX / "mtt", split=1)
+    with pytest.raises(UsageError, match="--split 0: only the MTG-Jamendo datasets"):
+        load_annotations("custom", FIX / "custom" / "labels.csv", split=0)
+
+
 def test_mtg_jamendo_missing_files_are_usage_errors(tmp_path):
-    with pytest.raises(UsageError, match="split-1"):
-        load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo", split=1)
+    with pytest.raises(UsageError, match="split-2"):
+        load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo", split=2)
     with pytest.raises(UsageError, match="autotagging_instrument-train.tsv: no such file"):
         load_annotations("mtg-jamendo-instrument", FIX / "mtg-jamendo")
     with pytest.raises(UsageError, match="no such file or directory"):
@@ -181,18 +210,44 @@ def test_custom_csv_and_tsv():
 
 def test_custom_bad_files(tmp_path):
     p = tmp_path / "l.csv"
-    p.write_text("file,split,tags\na.mp3,train,rock\n")
-    with pytest.raises(UsageError, match="needs columns path, split and tags"):
+    p.write_text("name,split,tags\na.mp3,train,rock\n")
+    with pytest.raises(UsageError, match="needs a header with columns path, split and tags"):
         load_annotations("custom", p)
-    p.write_text("path,split,tags\na.mp3,train,rock\nb.mp3,holdout,rock\n")
-    with pytest.raises(UsageError, match=r"l.csv:3: split 'holdout'"):
+    # bad rows are skipped and noted, as in the MTT and MTG-Jamendo files (and prepare-mels)
+    p.write_text("path,split,tags\na.mp3,train,rock\nb.mp3,holdout,rock\nc.mp3,,pop\n\"d.mp3\",train,\"x\"y\n")
+    with pytest.raises(UsageError, match=r"l.csv:5: cannot be parsed"):  # a broken quote: the file is unreadable
         load_annotations("custom", p)
+    p.write_text("path,split,tags\na.mp3,train,rock\nb.mp3,holdout,rock\nc.mp3,,pop\nd.mp3,test,rock,x\n"
+                 "e.mp3,validation,rock|pop\n")
+    ann = load_annotations("custom", p)
+    assert ann.paths == ["a.mp3", "e.mp3"] and ann.tags == ["rock"]
+    assert any("l.csv:3: skipped" in n and "holdout" in n for n in ann.notes)
+    assert any("l.csv:4: skipped (no split given)" in n for n in ann.notes)
+    assert any("l.csv:5: skipped" in n for n in ann.notes)
 
 
-def test_track_key_ignores_audio_extension():
-    assert track_key("48/948.mp3") == track_key("48/948.low.mp3") == track_key("./48/948.wav") == "48/948"
-    assert track_key("f/a-b-01-c-0-29.mp3") == "f/a-b-01-c-0-29"
-    assert track_key("x\\y.flac") == "x/y"
+@pytest.mark.parametrize("content", [b"path\tsplit\ttags\na.mp3\ttrain\trock\nb\xe9.mp3\ttest\trock\n",
+                                     "path\tsplit\ttags\na.mp3\ttrain\trock\n".encode("utf-16")])
+def test_label_files_that_are_not_utf8_are_one_line_errors(tmp_path, content):
+    p = tmp_path / "labels.tsv"
+    p.write_bytes(content)
+    line = 3 if content.startswith(b"path") else 1
+    with pytest.raises(UsageError, match=rf"labels.tsv:{line}: not UTF-8 text") as e:
+        load_annotations("custom", p)
+    assert "\n" not in str(e.value)
+    r = CliRunner().invoke(app, ["probe", "custom", "--embeddings", str(tmp_path), "--dataset-root", str(p)])
+    assert r.exit_code == 2 and f"labels.tsv:{line}: not UTF-8" in r.output
+
+
+def test_bom_and_crlf_label_files(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_bytes("\ufeffpath,split,tags\r\na.mp3,train,rock\r\nb.mp3,test,pop|rock\r\n".encode("utf-8"))
+    ann = load_annotations("custom", p)
+    assert ann.paths == ["a.mp3", "b.mp3"] and ann.labels.tolist() == [[1], [1]] and ann.tags == ["rock"]
+    mtt = tmp_path / "mtt"
+    mtt.mkdir()
+    (mtt / "annotations_final.csv").write_bytes(b"\xef\xbb\xbf" + (FIX / "mtt" / "annotations_final.csv").read_bytes())
+    assert load_annotations("mtt", mtt).paths == load_annotations("mtt", FIX / "mtt").paths
 
 
 # ---------------------------------------------------------------- embeddings and join
@@ -237,6 +292,66 @@ def test_join_matches_changed_extensions_and_extra_folders(tmp_path):
     assert j.report()["labelled_without_embedding"] == 3 and j.n_embeddings_without_label == 1
     assert j.embeddings_without_label == ["/data/audio/00/extra.mp3"]
     assert j.labels_without_embedding == ann.paths[-3:]
+
+
+def test_embeddings_of_different_sizes_are_refused(tmp_path):
+    """Part files of one folder with embeddings of different sizes would be reshaped into the
+    wrong columns: refused, naming the files (fixed-size lists when opened, variable-length
+    lists row by row when read)."""
+    d = tmp_path / "fixed"
+    write_embeddings(d, ["a.mp3", "b.mp3"], np.ones((2, 4)), name="part-0.parquet")
+    write_embeddings(d, ["c.mp3"], np.ones((1, 6)), name="part-1.parquet")
+    with pytest.raises(UsageError, match=r"different sizes: .*part-0.parquet has 4 values per row, "
+                                         r".*part-1.parquet has 6"):
+        open_embeddings(d)
+    d = tmp_path / "variable"
+    d.mkdir()
+    for name, paths, vecs in (("p0.parquet", ["a.mp3", "b.mp3"], [[1.0] * 4, [2.0] * 4]),
+                              ("p1.parquet", ["c.mp3"], [[3.0] * 6])):
+        t = pa.table({"path": paths, "embedding": pa.array(vecs, pa.list_(pa.float32()))})
+        pq.write_table(t.replace_schema_metadata({b"maest": json.dumps(META).encode()}), d / name)
+    emb = open_embeddings(d)
+    assert emb.dim == 4
+    with pytest.raises(UsageError, match=r"p1.parquet: embeddings of 6 values, expected 4"):
+        emb.matrix(np.arange(3))
+    with pytest.raises(UsageError, match="p1.parquet"):  # even when none of its tracks is asked for
+        emb.matrix(np.array([0, 1]))
+    d = tmp_path / "ints"
+    write_embeddings(d, ["a.mp3"], np.ones((1, 4)))
+    pq.write_table(pa.table({"path": ["x.mp3"], "embedding": pa.array([[1, 2]], pa.list_(pa.int64()))}),
+                   d / "part-00001.parquet")
+    with pytest.raises(UsageError, match=r"part-00001.parquet: column 'embedding' is list<.*int64>, expected a list of floats"):
+        open_embeddings(d)
+
+
+def test_join_reports_key_clashes_instead_of_choosing(tmp_path):
+    """Only audio extensions are ignored: `live/take.v2` and `live/take.v3` stay two tracks.
+    Two labelled tracks (or two embeddings) that differ only by their audio extension are a
+    clash: reported with examples, left unmatched, never one of them chosen silently."""
+    rows = ["path\tsplit\ttags"]
+    for i in range(12):
+        rows.append(f"n/{i}.mp3\t{('train', 'validation', 'test')[i % 3]}\t{'a' if i % 2 else 'b'}")
+    rows += ["live/take.v2\ttrain\ta", "live/take.v3\ttrain\tb",  # no audio extension in the labels
+             "x/one.wav\ttrain\ta", "x/one.mp3\ttrain\tb",  # labelled twice, extracted once as .flac
+             "y/two.ogg\ttest\ta",  # labelled once, extracted as .wav and .mp3
+             "z/three.wav\ttest\ta", "z/three.mp3\ttest\tb"]  # both extracted: exact matches, no clash
+    (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
+    ann = load_annotations("custom", tmp_path / "labels.tsv")
+    emb_paths = ([f"n/{i}.mp3" for i in range(12)] + ["live/take.v2.wav", "live/take.v3.wav", "x/one.flac",
+                 "y/two.wav", "y/two.mp3", "z/three.wav", "z/three.mp3"])
+    write_embeddings(tmp_path / "emb", emb_paths, np.arange(len(emb_paths) * 2).reshape(-1, 2))
+    emb = open_embeddings(tmp_path / "emb")
+    j = join_tracks(ann, emb)
+    got = {ann.paths[i]: emb.paths[t] for i, t in enumerate(j.track_of_label) if t >= 0}
+    assert got["live/take.v2"] == "live/take.v2.wav" and got["live/take.v3"] == "live/take.v3.wav"
+    assert got["z/three.wav"] == "z/three.wav" and got["z/three.mp3"] == "z/three.mp3"
+    assert not {"x/one.wav", "x/one.mp3", "y/two.ogg"} & got.keys()
+    report = j.report()
+    assert report["key_clashes"] == 3 and report["matched"] == len(ann.paths) - 3
+    text = " ".join(report["examples_key_clashes"])
+    assert "'x/one.flac' matches labelled tracks 'x/one.wav', 'x/one.mp3'" in text
+    assert "'y/two.ogg' matches embeddings 'y/two.wav', 'y/two.mp3'" in text
+    assert report["embeddings_without_label"] == 3  # x/one.flac, y/two.wav, y/two.mp3
 
 
 def test_join_that_matches_almost_nothing_is_an_error(tmp_path):
@@ -286,33 +401,78 @@ def test_column_stats_in_blocks():
 
 
 def test_learning_rate_schedule():
+    """The authors' probe (MAEST ex_tl.py): LambdaLR stepped per epoch with PaSST's
+    exp_warmup_linear_down(10, E - 10, 10, 1e-7). Values worked out from its definition."""
     p = Protocol()
-    lr = lambda t: lr_at(t, 1e-3, 10, 20, 30, p)  # noqa: E731  30 epochs: 10 warm, 10 hold, 10 decay
-    assert lr(0) == pytest.approx(1e-5) and lr(5) == pytest.approx(1e-4)  # exponential: geometric mean
-    assert lr(10) == lr(15) == lr(19.99) == 1e-3
-    assert lr(25) == pytest.approx(1e-3 * (1 - 0.99 / 2)) and lr(30) == pytest.approx(1e-5)
-    assert p.phases(30) == (10, 10) and p.phases(80) == (10, 10) and p.phases(9) == (3, 3)
+    assert (p.warmup_epochs, p.hold_epochs, p.lr_last_factor, p.weight_decay) == (10, 0, 1e-7, 1e-3)
+    f = [lr_factor(e, 60, p) for e in range(61)]
+    assert f[0] == pytest.approx(math.exp(-5 * 0.95 ** 2)) == pytest.approx(0.010970, abs=1e-6)  # epoch clipped to 0.5
+    assert f[1] == pytest.approx(math.exp(-5 * 0.9 ** 2)) and f[5] == pytest.approx(math.exp(-1.25))
+    assert f[9] == pytest.approx(math.exp(-0.05))
+    assert f[10] == 1.0  # e <= start_rampdown: the one epoch at max_lr
+    last = 1e-7
+    assert f[11] == pytest.approx(last + (1 - last) * 49 / 50) and f[35] == pytest.approx(last + (1 - last) * 25 / 50)
+    assert f[59] == pytest.approx(last + (1 - last) / 50)  # the last epoch of a 60-epoch run
+    assert f[60] == last  # one past the end
+    assert all(a < b for a, b in zip(f[:10], f[1:11])) and all(a > b for a, b in zip(f[10:60], f[11:61]))
+    # hold_epochs keeps max_lr before the decay, which then starts at warmup + hold
+    held = Protocol(hold_epochs=5)
+    g = [lr_factor(e, 30, held) for e in range(30)]
+    assert g[:10] == f[:10] and g[10:16] == [1.0] * 6
+    assert g[16] == pytest.approx(last + (1 - last) * 14 / 15) and g[29] == pytest.approx(last + (1 - last) / 15)
+    # the run sets it once per epoch, as LambdaLR does (recorded per epoch in each grid point)
+    x, y, splits = linear_task(n=300, dim=8, n_tags=2)
+    r = run(make_data(x, y, splits), 100, 0.5, 1e-3, 12, 0, Protocol(hidden=16, warmup_epochs=4, hold_epochs=2))
+    assert r.lr_history == pytest.approx([1e-3 * lr_factor(e, 12, Protocol(warmup_epochs=4, hold_epochs=2))
+                                          for e in range(12)])
     name, proto, configs = load_grid("paper")
-    assert len(configs) == 3 * 6 * 2 * 4 and proto.weight_decay == 1e-3
+    assert len(configs) == 3 * 6 * 2 * 4 and proto == Protocol()
+    from maest_cli.config import read_toml
+
+    assert read_toml("probe.toml")["protocol"] == Protocol().to_dict()  # the shipped table, spelled out
     assert load_grid("none")[2] == [ProbeConfig(128, 60, 0.5, 1e-4)]
     with pytest.raises(UsageError, match="--grid 'huge'"):
         load_grid("huge")
 
 
+@pytest.mark.parametrize("body, message", [
+    ('batch_size = [64]\nepochs = [30]\ndropout = [0.5]\nlr = ["fast"]\n', r"lr must be a non-empty list of numbers"),
+    ('batch_size = [64]\nepochs = [30]\ndropout = [0.5]\nlr = 1e-4\n', r"lr must be a non-empty list"),
+    ('batch_size = [64]\nepochs = [30]\ndropout = [0.5]\n', r"needs lists .* \(no lr\)"),
+    ('batch_size = [64.5]\nepochs = [30]\ndropout = [0.5]\nlr = [1e-4]\n', r"batch_size must be whole numbers"),
+    ('batch_size = [64]\nepochs = [8]\ndropout = [0.5]\nlr = [1e-4]\n', r"8 epochs leave no decay"),
+    ('batch_size = [64]\nepochs = [30]\ndropout = [0.5]\nlr = [1e-4]\n[protocol]\nhidden = "big"\n',
+     r"hidden, warmup_epochs, hold_epochs are integers"),
+    ('batch_size = [64]\nepochs = [30]\ndropout = [0.5]\nlr = [1e-4]\n[protocol]\nwarmup = 3\n',
+     r"invalid \[protocol\]"),
+    ('lr = [1e-4', r"invalid TOML"),
+])
+def test_bad_grid_files_are_config_errors(tmp_path, body, message):
+    p = tmp_path / "grid.toml"
+    p.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_grid(str(p))
+    r = CliRunner().invoke(app, ["probe", "custom", "--embeddings", str(tmp_path), "--dataset-root",
+                                 str(FIX / "custom" / "labels.csv"), "--grid", str(p)])
+    assert r.exit_code == 2 and "grid.toml" in r.output and "Traceback" not in r.output
+
+
 # ---------------------------------------------------------------- training
 
-def test_forked_runs_equal_separate_runs():
+def test_runs_are_reproducible_and_independent():
+    """A grid point is one run of its own: the same seed gives the same run whatever ran
+    before it (resume per grid point relies on it), another seed another one."""
     x, y, splits = linear_task(n=600, dim=16, n_tags=3)
     data = make_data(x, y, splits)
-    proto = Protocol(hidden=32, warmup_epochs=2, decay_epochs=2)
-    dev = torch.device("cpu")
-    tree = train_runs(data, 50, 0.5, 1e-3, [6, 9], seed=3, protocol=proto, device=dev)
-    for e, r in zip([6, 9], tree):
-        alone = train_runs(data, 50, 0.5, 1e-3, [e], seed=3, protocol=proto, device=dev)[0]
-        assert r.val_history == alone.val_history and r.loss_history == alone.loss_history
-        assert r.best_epoch == alone.best_epoch and len(r.val_history) == e
-        for k in r.state:
-            assert torch.equal(r.state[k], alone.state[k])
+    proto = Protocol(hidden=32, warmup_epochs=2)
+    a = run(data, 50, 0.5, 1e-3, 6, 3, proto)
+    run(data, 50, 0.5, 1e-2, 4, 7, proto)  # something else in between
+    b = run(data, 50, 0.5, 1e-3, 6, 3, proto)
+    c = run(data, 50, 0.5, 1e-3, 6, 4, proto)
+    assert a.val_history == b.val_history and a.loss_history == b.loss_history and len(a.val_history) == 6
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    assert c.loss_history != a.loss_history
+    assert 1 <= a.best_epoch <= 6 and a.val_roc_auc == max(a.val_history)
 
 
 @pytest.mark.parametrize("random_labels", [False, True])
@@ -329,8 +489,40 @@ def test_probe_learns_linear_tags_and_not_random_ones(tmp_path, random_labels):
     assert res["test"]["n_seeds"] == 2 and len(res["test"]["roc_auc"]["values"]) == 2
     # `rare` is positive in train only: excluded from validation and test, reported, no crash
     assert res["excluded_tags"]["test"] == ["rare"] and res["excluded_tags"]["validation"] == ["rare"]
+    assert "both macro averages" in res["excluded_tags"]["reason"]
+    assert res["test"]["macro_average"].startswith("mean over the tags present in the split")
     rare = next(t for t in res["per_tag"] if t["tag"] == "rare")
     assert rare["test_roc_auc"] is None and rare["n_positive_train"] > 0
+
+
+def test_cli_mtg_jamendo_split_1(tmp_path):
+    """--split N end to end: the split-N files are read, recorded, and --split is refused
+    for a dataset without numbered splits."""
+    ann = load_annotations("mtg-jamendo-genre", FIX / "mtg-jamendo", split=1)
+    rng = np.random.default_rng(0)
+    write_embeddings(tmp_path / "emb", [f"audio/{p[:-4]}.low.mp3" for p in ann.paths],
+                     rng.standard_normal((len(ann.paths), 8)) + ann.labels[:, :1])
+    out = tmp_path / "res"
+    common = ["--embeddings", str(tmp_path / "emb"), "--grid", tiny_grid(tmp_path, epochs=(4,), batch=(8,)),
+              "--seeds", "1", "--device", "cpu", "--out", str(out)]
+    r = CliRunner().invoke(app, ["probe", "mtg-jamendo-genre", "--dataset-root", str(FIX / "mtg-jamendo"),
+                                 "--split", "1", *common])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"]["split"] == 1 and all("/split-1/" in f for f in res["dataset"]["files"])
+    assert res["dataset"]["tracks"] == {"train": 21, "validation": 4, "test": 4}
+    assert "genre---funk" in [t["tag"] for t in res["per_tag"]]
+    assert [f["sha256"] for f in res["dataset"]["label_files"]] == [
+        sha256_of(FIX / f"mtg-jamendo/data/splits/split-1/autotagging_genre-{s}.tsv")
+        for s in ("train", "validation", "test")]
+    r = CliRunner().invoke(app, ["probe", "mtt", "--dataset-root", str(FIX / "mtt"), "--split", "1", *common])
+    assert r.exit_code == 2 and "--split 1: only the MTG-Jamendo datasets" in r.output
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_selection_uses_validation_only(tmp_path):
@@ -357,7 +549,7 @@ def test_selection_uses_validation_only(tmp_path):
     _, proto, configs = load_grid(grid)
     test_auc = {}
     for c in configs:
-        r = train_runs(data, c.batch_size, c.dropout, c.lr, [c.epochs], 0, proto, torch.device("cpu"))[0]
+        r = train_run(data, c, 0, proto, torch.device("cpu"))
         test_auc[c.key()] = fast_macro_roc_auc(data.splits["test"].y_np, logits_of(r.state, data.splits["test"].x))
     assert max(test_auc, key=test_auc.get) != b["selected"]["key"]
 
@@ -413,7 +605,26 @@ def test_outputs_weights_resume_and_compare(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu", out=out2,
               log=stop_after_first_group)
-    assert (out2 / ".probe-state" / "state.json").is_file()
+    state_dir = out2 / ".probe-state"
+    assert (state_dir / "state.json").is_file() and (state_dir / "best.safetensors").is_file()
+    # the state of another tool version is not reused, nor silently thrown away
+    import maest_cli.probe as probe_module
+
+    real_version = probe_module._tool_version
+    probe_module._tool_version = lambda: "0.0.0-other"
+    try:
+        with pytest.raises(UsageError, match="interrupted probe of other inputs"):
+            probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu", out=out2)
+    finally:
+        probe_module._tool_version = real_version
+    # killed between writing the best weights and state.json: the weights do not match the
+    # checksum state.json gives, so they are not trusted (retrained); finished points are kept
+    saved_state = json.loads((state_dir / "state.json").read_text())
+    assert saved_state["best_key"] and len(saved_state["best_sha256"]) == 64
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(state_dir / "best.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in w.items()}, str(state_dir / "best.safetensors"))
     logs = []
     again = probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=1, device="cpu", out=out2,
                   log=logs.append)
@@ -421,6 +632,10 @@ def test_outputs_weights_resume_and_compare(tmp_path):
     assert not any(m.startswith("[1/2]") for m in logs)
     assert again["grid"]["points"] == full["grid"]["points"] and again["test"] == full["test"]
     assert not (out2 / ".probe-state").exists()
+    # results.json names the weights next to it by checksum
+    from maest_cli.artefacts import sha256_file
+
+    assert again["weights_sha256"] == sha256_file(out2 / "probe.safetensors")
     # a state is only reused for the very same inputs: touching an embeddings file invalidates it
     from maest_cli.probe import _fingerprint
 
@@ -434,6 +649,40 @@ def test_outputs_weights_resume_and_compare(tmp_path):
     assert "comparison" in r.output and "+0.0" in r.output
     r = CliRunner().invoke(app, ["probe", "--compare", str(labels)])
     assert r.exit_code == 2 and "not JSON" in r.output
+    for broken, why in (({k: v for k, v in saved.items() if k != "dataset"}, "no dataset.name"),
+                        ({**saved, "test": {"roc_auc": 0.9}}, "test.roc_auc is not")):
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
+        r = CliRunner().invoke(app, ["probe", "--compare", str(out / "results.json"), str(tmp_path / "broken.json")])
+        assert r.exit_code == 2 and "broken.json: incomplete" in r.output and why in r.output, r.output
+
+
+def test_results_of_other_inputs_are_never_replaced(tmp_path, monkeypatch):
+    """Probing embeddings A then B of one dataset: the default folders differ; pointing B at
+    A's folder is refused unless --overwrite; the same inputs again simply remake them."""
+    monkeypatch.chdir(tmp_path)
+    x, y, splits = linear_task(n=400, dim=8, seed=8)
+    labels, emb_a = write_custom_task(tmp_path, x, y, splits)
+    emb_b = write_embeddings(tmp_path / "emb-b", [f"{i % 100:02d}/{i}.mp3" for i in range(len(x))], x[:, ::-1])
+    grid = tiny_grid(tmp_path, epochs=(4,))
+    common = ["--dataset-root", str(labels), "--grid", grid, "--seeds", "1", "--device", "cpu"]
+    runner = CliRunner()
+    for emb in (emb_a, emb_b):
+        r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb), *common])
+        assert r.exit_code == 0, r.output
+    a_dir, b_dir = tmp_path / "probe-custom-emb", tmp_path / "probe-custom-emb-b"
+    assert (a_dir / "results.json").is_file() and (b_dir / "results.json").is_file()
+    before = (a_dir / "results.json").read_bytes(), (a_dir / "probe.safetensors").read_bytes()
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb_b), *common, "--out", str(a_dir)])
+    assert r.exit_code == 2 and "holds the results of another probe" in r.output and "--overwrite" in r.output
+    assert ((a_dir / "results.json").read_bytes(), (a_dir / "probe.safetensors").read_bytes()) == before
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb_a), *common, "--seeds", "2"])
+    assert r.exit_code == 2, r.output  # other seeds: other results, refused too
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb_a), *common])
+    assert r.exit_code == 0, r.output  # the same inputs: made again
+    r = runner.invoke(app, ["probe", "custom", "--embeddings", str(emb_b), *common, "--out", str(a_dir),
+                            "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((a_dir / "results.json").read_text())["embeddings"]["dir"] == str(emb_b)
 
 
 def test_cli_probe_and_errors(tmp_path):
@@ -474,6 +723,9 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
     audio = tmp_path / "audio"
     audio.mkdir()
     calls = []
+    from maest_cli.extract import ExtractSummary
+
+    failures = [0]
 
     def fake_extract(paths_arg, out, *, model=None, preset="none", time_keep_every=None, drop_freq_rows=None,
                      block=7, tokens=("cls", "dist", "avg"), pool="track", hop="half", scores=False,
@@ -483,7 +735,8 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
                           pool=pool, hop=hop, overwrite=overwrite))
         write_embeddings(Path(out), paths, x, root=str(paths_arg[0]),
                          meta={"model": model, "block": block, "tokens": list(tokens), "preset": preset})
-        return {"ok": len(paths)}
+        return ExtractSummary(out=out, n_files=len(paths) + failures[0], n_done=len(paths), n_failed=failures[0],
+                              errors_file=str(Path(out) / "errors.tsv") if failures[0] else None)
 
     monkeypatch.setitem(sys.modules, "maest_cli.extract", types.SimpleNamespace(extract=fake_extract))
     r = CliRunner().invoke(app, ["probe", "custom", "--audio-root", str(audio), "--dataset-root", str(labels),
@@ -496,6 +749,17 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     assert res["model"] == "tiny.safetensors" and res["block"] == 5
     assert res["dataset"]["join"]["matched"] == len(x)
+    assert res["extract_failed"] == 0 and res["embeddings"]["extract"]["n_done"] == len(x)
+    # files extract could not embed: the probe runs on the others, records them, and exits 1
+    failures[0] = 2
+    r = CliRunner().invoke(app, ["probe", "custom", "--audio-root", str(audio), "--dataset-root", str(labels),
+                                 "--grid", tiny_grid(tmp_path, epochs=(6,)), "--seeds", "1", "--device", "cpu",
+                                 "--out", str(tmp_path / "res2")])
+    assert r.exit_code == 1, r.output
+    assert "2 files failed" in r.output and "2 audio files could not be embedded" in r.output
+    res = json.loads((tmp_path / "res2" / "results.json").read_text())
+    assert res["extract_failed"] == 2 and res["embeddings"]["extract"]["n_failed"] == 2
+    assert (tmp_path / "res2" / "probe.safetensors").is_file()
 
 
 def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
@@ -511,8 +775,9 @@ def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
         split = "train" if i < 6 else "validation" if i < 9 else "test"
         rows.append(f"{i % 3}/{i}.mp3\t{split}\t{'a' if i % 2 else 'b'}")
     (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
+    (audio / "0" / "broken.wav").write_bytes(b"RIFF\x00\x01\x00\x00WAVEfmt not really")  # fails to decode
     res = probe("custom", dataset_root=tmp_path / "labels.tsv", audio_root=audio, out=tmp_path / "res",
                 grid=tiny_grid(tmp_path, epochs=(3,), batch=(4,)), seeds=1, device="cpu",
                 extract_options={"model": tiny_model_file, "block": 2, "progress": False})
-    assert res["dataset"]["join"]["matched"] == 12
+    assert res["dataset"]["join"]["matched"] == 12 and res["extract_failed"] == 1
     assert res["embeddings"]["dim"] == 3 * 64 and res["block"] == 2
