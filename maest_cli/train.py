@@ -3,26 +3,31 @@
 The recipe is REFERENCE 6 (configs/train/maest-*.toml): weighted epochs of tracks drawn without
 replacement, random crops of the segment length, mixup + SpecAugment, random structured
 patchout (whole time columns and frequency rows, so the sequence really shrinks), BCE on the
-dataset's labels, AdamW with exponential warm-up / flat / linear decay per step, SWA of the
-weights every K epochs from epoch S, validation (macro ROC-AUC and mAP) after every epoch.
+dataset's labels, AdamW with the authors' exponential warm-up / flat / linear decay (a factor
+per epoch), SWA of the weights every K epochs from epoch S, validation (macro ROC-AUC and mAP)
+after every epoch.
 
 One process per device. `torchrun` (or `maest train --nproc N`) starts N of them: DDP over
 gloo on CPU, NCCL on CUDA; each takes its own slice of every global batch (train_data.py);
 only rank 0 writes. RUN_DIR gets:
   last.safetensors, best.safetensors, swa.safetensors   our checkpoint format (+ labels, recipe)
-  state.pt            everything needed to resume (torch.load(weights_only=True)), atomic
+  state.pt            everything needed to resume (torch.load(weights_only=True)), atomic;
+                      written first (at step 0), then every save_every steps and every epoch
   metrics.jsonl       one line every log_every steps and one per epoch
   config.resolved.json  the recipe and what was decided from it (device, dtype, init, norm)
-A run killed at any point resumes from state.pt and continues exactly as if never stopped.
+A run killed at any point resumes from state.pt and continues exactly as if never stopped; one
+killed before its first state.pt starts again with the same --out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -35,13 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .artefacts import tool_versions, write_atomic, write_json
 from .checkpoints import save_checkpoint
+from .frontend import OFFICIAL_NORM, InputNorm
 from .meldataset import DatasetError, MelDataset
 from .model import MAEST, random_patchout
 from .runtime import UsageError, autocast, resolve_device, resolve_dtype
 from .train_config import RESUMABLE_CHANGES, TrainConfig, load_train_config
-from .train_data import (Augment, BatchLayout, Normalization, TrainBatches, class_weights, draw_epoch,
-                         eval_crops, patchout_generator, track_weights)
+from .train_data import (Augment, BatchLayout, TrainBatches, class_weights, draw_epoch, eval_crops,
+                         patchout_generator, track_weights)
 from .train_init import InitInfo, init_model
 
 STATE, METRICS, RESOLVED = "state.pt", "metrics.jsonl", "config.resolved.json"
@@ -56,18 +63,28 @@ class TrainError(RuntimeError):
 # ------------------------------------------------------------------ schedule and SWA
 
 def lr_factor(epoch: float, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at a (fractional) epoch: exp(-5 (1 - e/warmup)^2) during warm-up,
-    1 until decay_start_epoch, then linear down to final_lr_factor over decay_epochs, then flat
-    (PaSST/MAEST's exp_warmup_linear_down, evaluated at every step)."""
+    """Multiplier of cfg.lr in (0-based) epoch `epoch`: PaSST/MAEST's exp_warmup_linear_down, the
+    product of an exponential warm-up, exp(-5 (1 - e / warmup)^2) with e clipped to [0.5, warmup]
+    while e < warmup, else 1, and a linear decay, 1 until decay_start_epoch, then
+    last + (1 - last) (length - (e - start)) / length while e - start < length, then last.
+    The authors step a LambdaLR once per epoch: epoch e trains at factor(e) throughout (0.0174
+    for epoch 0 of the paper's recipe, 1 from epoch 5 to 50, 0.505 at 75, 0.01 from 100)."""
     f = 1.0
-    if epoch < cfg.warmup_epochs:
-        f = math.exp(-5.0 * (1.0 - epoch / cfg.warmup_epochs) ** 2)
-    if epoch > cfg.decay_start_epoch:
-        if cfg.decay_epochs == 0:
-            return cfg.final_lr_factor
-        done = min((epoch - cfg.decay_start_epoch) / cfg.decay_epochs, 1.0)
-        f *= 1.0 - (1.0 - cfg.final_lr_factor) * done
+    w = cfg.warmup_epochs
+    if epoch < w:
+        e = min(max(epoch, 0.5), w)
+        f = math.exp(-5.0 * (1.0 - e / w) ** 2)
+    start, length, last = cfg.decay_start_epoch, cfg.decay_epochs, cfg.final_lr_factor
+    if epoch > start:
+        f *= last + (1.0 - last) * (length - epoch + start) / length if epoch - start < length else last
     return f
+
+
+def lr_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The learning rate of one optimiser step: constant within an epoch (lr_update = "epoch", the
+    authors'), or the same curve at the fractional epoch (lr_update = "step")."""
+    e = epoch if cfg.lr_update == "epoch" else epoch + step_in_epoch / steps_per_epoch
+    return cfg.lr * lr_factor(e, cfg)
 
 
 def swa_due(epoch: int, cfg: TrainConfig) -> bool:
@@ -199,16 +216,19 @@ def tagging_scores(y: np.ndarray, p: np.ndarray, labels: list[str]) -> dict:
     pos = y.sum(0)
     ok = (pos > 0) & (pos < len(y))
     skipped = [labels[i] for i in np.flatnonzero(~ok)]
-    if not ok.any() or not np.isfinite(p).all():
+    reason = ("the model's outputs are not finite" if not np.isfinite(p).all() else
+              f"no class has both positive and negative tracks among the {len(y)} validation tracks"
+              if not ok.any() else None)
+    if reason:
         return {"roc_auc": None, "map": None, "classes": int(ok.sum()), "skipped_classes": len(skipped),
-                "skipped": skipped[:20]}
+                "skipped": skipped[:20], "reason": reason}
     return {"roc_auc": float(roc_auc_score(y[:, ok], p[:, ok], average="macro")),
             "map": float(average_precision_score(y[:, ok], p[:, ok], average="macro")),
             "classes": int(ok.sum()), "skipped_classes": len(skipped), "skipped": skipped[:20]}
 
 
 @torch.no_grad()
-def predict(model: MAEST, data: MelDataset, rows: np.ndarray, norm: Normalization, segments: int,
+def predict(model: MAEST, data: MelDataset, rows: np.ndarray, norm: InputNorm, segments: int,
             batch_size: int, device: torch.device, dtype: str) -> np.ndarray:
     """[len(rows), C] sigmoid outputs, no patchout; with several segments per track, their mean."""
     was_training = model.training
@@ -240,7 +260,7 @@ def predict(model: MAEST, data: MelDataset, rows: np.ndarray, norm: Normalizatio
     return (probs / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
-def evaluate(model: MAEST, data: MelDataset, rows: np.ndarray, norm: Normalization, cfg: TrainConfig,
+def evaluate(model: MAEST, data: MelDataset, rows: np.ndarray, norm: InputNorm, cfg: TrainConfig,
              d: Dist, dtype: str) -> dict | None:
     """Validation scores of `model`, every process scoring its share of the tracks."""
     if len(rows) == 0:
@@ -282,18 +302,33 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill never leaves a half-written state."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save, written atomically (temporary file, fsync, rename): a kill never leaves a
+    half-written state."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getbuffer())
+
+
+_TEMP_OF_OURS = re.compile(r"\.(state\.pt|config\.resolved\.json|metrics\.jsonl)\.tmp\d+")  # write_atomic's names
+
+
+def never_started(run_dir: Path) -> list[Path] | None:
+    """The files of a run stopped before its first state.pt (its resolved config, metrics, a
+    half-written temporary file), or None when run_dir holds anything else. A run directory
+    with only these can be started again in place."""
+    if not run_dir.is_dir() or (run_dir / STATE).exists():
+        return None
+    found = list(run_dir.iterdir())
+    ours = [p for p in found if p.name in (RESOLVED, METRICS) or _TEMP_OF_OURS.fullmatch(p.name)]
+    return ours if len(ours) == len(found) and all(p.is_file() for p in ours) else None
 
 
 def load_state(run_dir: Path) -> dict:
     path = run_dir / STATE
     if not path.is_file():
+        if never_started(run_dir):
+            raise UsageError(f"--resume {run_dir}: the run was stopped before it saved its first {STATE}; "
+                             f"start it again with the same --data, --config and --out {run_dir}")
         raise UsageError(f"--resume {run_dir}: no {STATE} there (not a maest train run, or it never saved)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -302,12 +337,6 @@ def load_state(run_dir: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UsageError(f"{path}: not a {STATE_FORMAT} file")
     return state
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def trim_metrics(path: Path, global_step: int, epochs_done: int) -> None:
@@ -323,12 +352,10 @@ def trim_metrics(path: Path, global_step: int, epochs_done: int) -> None:
             continue
         if rec.get("kind") == "step" and rec["step"] > global_step:
             continue
-        if rec.get("kind") == "epoch" and rec["epoch"] > epochs_done:
+        if rec.get("kind") in ("epoch", "warning") and rec["epoch"] > epochs_done:
             continue
         keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(k + "\n" for k in keep))
 
 
 class MetricsLog:
@@ -367,24 +394,21 @@ def _open_dataset(path) -> MelDataset:
         raise UsageError(f"--data: {e}") from None
 
 
-def choose_normalization(cfg: TrainConfig, data: MelDataset, init: InitInfo) -> Normalization:
+def choose_normalization(cfg: TrainConfig, data: MelDataset, init: InitInfo) -> InputNorm:
     """auto: the source model's own input scaling when fine-tuning a MAEST, else the dataset's."""
-    from .frontend import NORM_MEAN, NORM_STD
-
     mode = cfg.normalization
     if mode == "auto":
         mode = "init" if init.kind == "maest" and init.input_norm else "dataset"
     if mode == "init":  # the scaling the source model learned with (official, or its own run's dataset)
-        n = init.input_norm
-        source = "official" if n.get("source") == "official" else "init model"
-        return Normalization(float(n["mean"]), float(n["std"]), source)
+        n = InputNorm.from_metadata({"input_norm": init.input_norm})
+        return n if n.source == "official" else InputNorm(n.mean, n.std, "init model")
     if mode == "official":
-        return Normalization(NORM_MEAN, NORM_STD, "official")
+        return OFFICIAL_NORM
     mean, std = data.stats.get("mean"), data.stats.get("std")
     if mean is None or not std:
         raise UsageError(f"{data.root}/stats.json has no training mean/std (empty train split?); "
                          f"set normalization = \"official\"")
-    return Normalization(float(mean), float(std), "dataset")
+    return InputNorm(float(mean), float(std), "dataset")
 
 
 def resolve_run(data, out, config, overrides: dict, resume) -> tuple[TrainConfig, Path, Path, dict | None]:
@@ -412,7 +436,7 @@ def resolve_run(data, out, config, overrides: dict, resume) -> tuple[TrainConfig
     if (run_dir / STATE).exists():
         raise UsageError(f"--out {run_dir}: holds a training run; continue it with --resume {run_dir}, "
                          f"or choose a new directory")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and never_started(run_dir) is None)):
         raise UsageError(f"--out {run_dir}: exists and is not an empty directory")
     return cfg, Path(data), run_dir, None
 
@@ -421,17 +445,6 @@ def _dataset_info(data: MelDataset) -> dict:
     m = data.manifest
     return {"path": str(data.root.resolve()), "tracks": len(data), "labels": len(data.labels),
             "created": m.get("created"), "plan_sha256": m.get("plan_sha256"), "crop": m.get("crop")}
-
-
-def _versions() -> dict:
-    import importlib.metadata
-
-    try:
-        tool = importlib.metadata.version("maest-cli")
-    except importlib.metadata.PackageNotFoundError:
-        tool = "unknown"
-    return {"maest-cli": tool, "torch": torch.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0]}
 
 
 def _log(d: Dist, msg: str) -> None:
@@ -466,6 +479,9 @@ def train(data: str | os.PathLike | None = None, out: str | os.PathLike | None =
     threads = torch.get_num_threads()
     try:
         return {**_train(cfg, data_dir, run_dir, state, d, progress), "rank": d.rank}
+    except DatasetError as e:  # a damaged shard met while training: the saved state is still good
+        raise DatasetError(f"{e}; the run stopped; once the dataset is repaired, `maest train --resume "
+                           f"{run_dir}` continues from its last saved state") from None
     finally:
         torch.set_num_threads(threads)
         if d.world > 1 and torch.distributed.is_initialized():
@@ -510,7 +526,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
     else:
         init = InitInfo(**state["init"])
         model.load_state_dict(state["model"])
-    norm = choose_normalization(cfg, data, init) if state is None else Normalization(**{
+    norm = choose_normalization(cfg, data, init) if state is None else InputNorm(**{
         k: state["normalization"][k] for k in ("mean", "std", "source")})
     dtype = resolve_dtype(cfg.dtype, d.device)
     model.to(d.device).train()
@@ -535,8 +551,8 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
         sums.update(state["loss_sums"])
         set_rng_state(state["rng"][d.rank])
 
-    # ---- run directory (every process has checked it above; only rank 0 writes)
-    d.barrier()
+    # ---- run directory (every process has checked it above; only rank 0 writes). state.pt is
+    # written first, so a directory without one holds at most a run that never started.
     dataset_info = _dataset_info(data)
     resolved = {"config": cfg.to_sections(), "model": mcfg.to_dict(), "device": str(d.device), "dtype": dtype,
                 "processes": d.world, "global_batch": layout.global_batch, "epoch_len": epoch_len,
@@ -547,10 +563,41 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                                else f"{cfg.val_segments} evenly spaced segments, sigmoid outputs averaged",
                                "best_by": cfg.best_metric},
                 "normalization": norm.to_dict(), "init": init.to_dict(), "dataset": dataset_info,
-                "versions": _versions()}
+                "versions": tool_versions()}
+    warned: set[str] = set(state.get("warned", ())) if state is not None else set()
+
+    def snapshot(at_epoch: int, at_step: int, finished: bool = False) -> None:
+        """The resumable state: gathered from every process (RNG), written by rank 0."""
+        rngs = _gather(rng_state(), d)
+        if not d.main:
+            return
+        save_state(run_dir / STATE, {
+            "format": STATE_FORMAT, "config": cfg.to_dict(), "world_size": d.world,
+            "dataset": {"path": str(data.root.resolve()), "labels": labels, "tracks": len(data),
+                        "plan_sha256": data.manifest.get("plan_sha256")},
+            "epoch": at_epoch, "step_in_epoch": at_step, "global_step": global_step, "finished": finished,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "swa": swa.state_dict(),
+            "best": best, "loss_sums": dict(sums), "rng": rngs, "init": init.to_dict(),
+            "normalization": norm.to_dict(), "dtype": dtype, "warned": sorted(warned)})
+
+    def save_weights(kind: str, m: MAEST, ep: int, val: dict | None) -> None:
+        save_checkpoint(run_dir / f"{kind}.safetensors", m, labels, extra={
+            "name": f"{run_dir.name}-{kind}", "kind": kind, "epoch": ep, "global_step": global_step,
+            "dataset": dataset_info, "train_config": cfg.to_dict(), "input_norm": norm.to_dict(),
+            "init": init.to_dict(), "validation": val, "swa_snapshots": swa.n if kind == "swa" else None,
+            "versions": tool_versions()})
+
+    d.barrier()
     if d.main:
+        if state is None:  # the leftovers of a run stopped before its first state (resolve_run checked)
+            for leftover in never_started(run_dir) or ():
+                leftover.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / RESOLVED, resolved)
+    if state is None:
+        snapshot(0, 0)
+    if d.main:
+        write_json(run_dir / RESOLVED, resolved)
         if state is not None:
             trim_metrics(run_dir / METRICS, global_step, epoch)
     metrics = MetricsLog(run_dir / METRICS, d.main)
@@ -568,27 +615,6 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                       cfg.specaug_freq_width)
     scratch: MAEST | None = None  # holds the SWA weights for validation and saving
     last_val = swa_val = None
-
-    def snapshot(at_epoch: int, at_step: int, finished: bool = False) -> None:
-        """The resumable state: gathered from every process (RNG), written by rank 0."""
-        rngs = _gather(rng_state(), d)
-        if not d.main:
-            return
-        save_state(run_dir / STATE, {
-            "format": STATE_FORMAT, "config": cfg.to_dict(), "world_size": d.world,
-            "dataset": {"path": str(data.root.resolve()), "labels": labels, "tracks": len(data),
-                        "plan_sha256": data.manifest.get("plan_sha256")},
-            "epoch": at_epoch, "step_in_epoch": at_step, "global_step": global_step, "finished": finished,
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "swa": swa.state_dict(),
-            "best": best, "loss_sums": dict(sums), "rng": rngs, "init": init.to_dict(), "normalization": norm.to_dict(), "dtype": dtype})
-
-    def save_weights(kind: str, m: MAEST, ep: int, val: dict | None) -> None:
-        save_checkpoint(run_dir / f"{kind}.safetensors", m, labels, extra={
-            "name": f"{run_dir.name}-{kind}", "kind": kind, "epoch": ep, "global_step": global_step,
-            "dataset": dataset_info, "train_config": cfg.to_dict(), "input_norm": norm.to_dict(),
-            "init": init.to_dict(), "validation": val, "swa_snapshots": swa.n if kind == "swa" else None,
-            "versions": _versions()})
 
     if state is not None and state.get("finished") and epoch >= cfg.epochs:
         _log(d, f"train: {run_dir} is complete ({epoch} epochs); nothing to do (--epochs N extends it)")
@@ -611,12 +637,15 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
             window_t, timed_steps = time.perf_counter(), 0
             bar.update(task, epoch=f"{epoch + 1}/{cfg.epochs}")
             while step_in_epoch < layout.steps:
-                lr = cfg.lr * lr_factor(epoch + step_in_epoch / layout.steps, cfg)
+                lr = lr_at(epoch, step_in_epoch, layout.steps, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 step_loss = 0.0
                 for micro in range(layout.accum):
-                    x, y = next(batch_iter)
+                    batch = next(batch_iter)
+                    if isinstance(batch, dict):  # TrainBatches met a damaged track
+                        raise DatasetError(batch["error"])
+                    x, y = batch
                     x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
                     po = random_patchout(mcfg.f_patches, mcfg.t_patches, drop_t, drop_f,
                                          generator=patchout_generator(cfg.seed, global_step, micro))
@@ -678,11 +707,17 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                     scratch = MAEST(mcfg).to(d.device)
                 swa_val = evaluate(swa.copy_to(scratch), data, val_rows, norm, cfg, d, dtype)
             in_sync = params_in_sync(model, d)
-            if last_val is None:  # no validation split: the best weights are the last ones
-                value, improved = None, True
+            value = last_val.get(cfg.best_metric) if last_val else None
+            if value is None:  # no validation split, or no scores: best follows last until an epoch is scored
+                improved = best["value"] is None
+                if last_val is not None and "unscored" not in warned:
+                    warned.add("unscored")
+                    note = (f"epoch {done}: validation gave no {cfg.best_metric} ({last_val.get('reason')}); "
+                            f"best.safetensors follows last.safetensors until an epoch is scored")
+                    metrics.write(kind="warning", epoch=done, step=global_step, message=note, time=time.time())
+                    _log(d, f"train: WARNING: {note}")
             else:
-                value = last_val.get(cfg.best_metric)
-                improved = value is not None and (best["value"] is None or value > best["value"])
+                improved = best["value"] is None or value > best["value"]
             if improved:
                 best = {"metric": cfg.best_metric, "value": value, "epoch": done}
             if d.main:
@@ -692,7 +727,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                 if swa_updated:
                     save_weights("swa", scratch, done, swa_val)
             rec = {"kind": "epoch", "epoch": done, "step": global_step, "train_loss": train_loss,
-                   "lr": cfg.lr * lr_factor(done, cfg), "val": last_val, "swa": swa_val if swa.n else None,
+                   "lr": lr_at(epoch, layout.steps - 1, layout.steps, cfg), "val": last_val, "swa": swa_val if swa.n else None,
                    "swa_snapshots": swa.n, "best_epoch": best["epoch"], "time": time.time()}
             if d.world > 1:
                 rec["ranks_in_sync"] = in_sync
@@ -723,19 +758,30 @@ def _epoch_line(done: int, total: int, loss: float | None, val: dict | None, swa
     return ", ".join(parts)
 
 
-def worker_args(data=None, out=None, config=None, init=None, epochs=None, epoch_len=None, batch_size=None,
-                device=None, resume=None, seed=None, dtype=None, sets=()) -> list[str]:
-    """The `maest train` arguments that re-create a command line in launched workers."""
-    args: list[str] = []
-    for flag, value in (("--data", data), ("--out", out), ("--config", config), ("--init", init),
-                        ("--epochs", epochs), ("--epoch-len", epoch_len), ("--batch-size", batch_size),
-                        ("--device", device), ("--resume", resume), ("--seed", seed), ("--dtype", dtype)):
-        if value is not None:
-            args += [flag, str(value)]
-    for s in sets or ():
-        args += ["--set", s]
-    return args
+def worker_argv(command_line: list[str]) -> list[str]:
+    """The arguments of the processes `--nproc N` launches: this process's own `train` arguments
+    exactly as given (any order, `--opt value` or `--opt=value`, options added in the future),
+    minus `--nproc N` / `--nproc=N`. command_line: sys.argv (program, ..., "train", args)."""
+    try:
+        args = command_line[command_line.index("train", 1) + 1:]
+    except ValueError:
+        raise ValueError(f"not a `maest train` command line: {command_line!r}") from None
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":  # the rest is positional
+            out += args[i:]
+            break
+        if a == "--nproc":
+            i += 2
+            continue
+        if not a.startswith("--nproc="):
+            out.append(a)
+        i += 1
+    return out
 
 
-__all__ = ["train", "launch", "in_launched_worker", "worker_args", "lr_factor", "swa_due", "SwaAverage",
-           "tagging_scores", "predict", "evaluate", "TrainError", "load_state", "STATE", "METRICS", "RESOLVED"]
+__all__ = ["train", "launch", "in_launched_worker", "worker_argv", "lr_factor", "lr_at", "swa_due",
+           "SwaAverage", "tagging_scores", "predict", "evaluate", "TrainError", "load_state", "never_started",
+           "STATE", "METRICS", "RESOLVED"]

@@ -1,10 +1,12 @@
 """Training throughput with and without training patchout, measured in one run.
 
-A training step (forward, BCE, backward, AdamW as `maest train` runs it) of a random-weight MAEST on random normalised
-input, timed with the paper's patchout (e.g. 90 of 187 time columns and 3 of 9 frequency rows
-dropped for 30 s) and without. The two settings alternate repeat by repeat, so drift on a busy
-machine hits both; the report is the median of the repeats, their spread, and the ratio.
-Not a test: the lead runs it on a quiet machine:
+A training step (forward, BCE, backward, AdamW as `maest train` runs it) of a random-weight
+MAEST on random normalised input, timed without patchout, with the issue's setting (the
+paper's time columns only: 90 of 187 for 30 s; the headline speed-up), and with the recipe's
+(those columns and 3 of 9 frequency rows; a second row, `--drop-freq 0` leaves it out). The
+settings alternate repeat by repeat, so drift on a busy machine hits all; the report is the
+median of the repeats, their spread, and the ratios. Not a test: the lead runs it on a quiet
+machine:
 
     .venv/bin/python -m maest_cli.train_bench --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
 """
@@ -46,9 +48,19 @@ def train_step_seconds(model: MAEST, opt: torch.optim.Optimizer, batch: int, dro
     return time.perf_counter() - t0
 
 
+def bench_settings(drop_time: int, drop_freq: int) -> dict[str, tuple[int, int]]:
+    """name -> (time columns, frequency rows) dropped: none, time only (the issue's 1.8x target
+    is for this one), then time and frequency (the recipe's) unless drop_freq is 0."""
+    settings = {"no patchout": (0, 0), f"patchout -{drop_time}t": (drop_time, 0)}
+    if drop_freq:
+        settings[f"patchout -{drop_time}t -{drop_freq}f"] = (drop_time, drop_freq)
+    return settings
+
+
 def run_train_bench(variant: str = "30s", batch_size: int = 4, drop_time: int | None = None, drop_freq: int = 3,
                     dtype: str = "auto", repeats: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
-    """Samples/s of training steps without and with patchout; median, spread and speed-up."""
+    """Samples/s of training steps in each of bench_settings; medians, spreads, speed-ups (the
+    headline `speedup`: time columns only)."""
     from .bench import machine_info
 
     if threads:
@@ -60,7 +72,7 @@ def run_train_bench(variant: str = "30s", batch_size: int = 4, drop_time: int | 
     torch.manual_seed(0)
     model = MAEST(cfg).train()
     opt = make_optimizer(model, TrainConfig(variant=variant))
-    settings = {"no patchout": (0, 0), f"patchout -{drop_time}t -{drop_freq}f": (drop_time, drop_freq)}
+    settings = bench_settings(drop_time, drop_freq)
     secs: dict[str, list[float]] = {k: [] for k in settings}
     for i in range(warmup + repeats):
         for name, (dt_, df_) in settings.items():
@@ -76,9 +88,12 @@ def run_train_bench(variant: str = "30s", batch_size: int = 4, drop_time: int | 
         rows.append({"setting": name, "drop_time": dt_, "drop_freq": df_, "tokens": 2 + kept, "seconds": secs[name],
                      "median_s": med, "spread": (max(secs[name]) - min(secs[name])) / 2 / med,
                      "samples_per_s": batch_size / med})
-    speedup = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
+    for r in rows:
+        r["speedup"] = r["samples_per_s"] / rows[0]["samples_per_s"]
     result = {"variant": variant, "frames": cfg.frames, "batch_size": batch_size, "dtype": dt, "repeats": repeats,
-              "machine": machine_info(), "results": rows, "speedup": speedup}
+              "machine": machine_info(), "results": rows,
+              "speedup": rows[1]["speedup"],  # the issue's target (>= 1.8x): time columns only
+              "speedup_time_freq": rows[2]["speedup"] if len(rows) > 2 else None}
     _print(result)
     return result
 
@@ -90,13 +105,13 @@ def _print(result: dict) -> None:
     t = Table(title=f"MAEST-{result['variant']} training steps, batch {result['batch_size']}, {result['dtype']}")
     for col in ("setting", "tokens", "s/step", "spread", "samples/s", "speed-up"):
         t.add_column(col, justify="right")
-    base = result["results"][0]["samples_per_s"]
     for r in result["results"]:
         t.add_row(r["setting"], str(r["tokens"]), f"{r['median_s']:.2f}", f"±{100 * r['spread']:.0f}%",
-                  f"{r['samples_per_s']:.3f}", f"{r['samples_per_s'] / base:.2f}x")
+                  f"{r['samples_per_s']:.3f}", f"{r['speedup']:.2f}x")
     c = Console(stderr=True)
     c.print(t)
     m = result["machine"]
+    c.print(f"speed-up with the paper's time patchout: {result['speedup']:.2f}x (issue target: 1.8x)")
     c.print(f"{m['cpu']}, {m['threads']} threads, native bf16: {m['native_bf16']}, torch {m['torch']}")
 
 
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="30s", choices=list(VARIANTS))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--drop-time", type=int, default=None, help="time columns dropped (default: the paper's)")
-    p.add_argument("--drop-freq", type=int, default=3)
+    p.add_argument("--drop-freq", type=int, default=3, help="frequency rows of the second patchout row (0: no row)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 here unless the CPU has native bf16), fp32, bf16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

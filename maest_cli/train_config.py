@@ -23,7 +23,7 @@ SECTIONS = {
     "model": ("variant", "frames", "width", "depth", "heads", "mlp_dim", "pos_embed", "init", "normalization"),
     "data": ("epoch_len", "batch_size", "accum_steps", "workers", "class_weight_scale", "class_weight_offset"),
     "optim": ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip"),
-    "schedule": ("epochs", "warmup_epochs", "decay_start_epoch", "decay_epochs", "final_lr_factor"),
+    "schedule": ("epochs", "warmup_epochs", "decay_start_epoch", "decay_epochs", "final_lr_factor", "lr_update"),
     "augment": ("patchout_time", "patchout_freq", "mixup_alpha", "specaug_time_masks", "specaug_time_width",
                 "specaug_freq_masks", "specaug_freq_width"),
     "swa": ("swa_start", "swa_every"),
@@ -62,20 +62,25 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # max gradient norm; 0: off
-    # [schedule] per step: exponential warm-up, flat, linear decay to final_lr_factor x lr
+    # [schedule] PaSST/MAEST's exp_warmup_linear_down: exponential warm-up, flat, linear decay
+    # to final_lr_factor x lr; a factor per epoch, as the authors' LambdaLR stepped every epoch
     epochs: int = 130
     warmup_epochs: float = 5.0
     decay_start_epoch: float = 50.0
     decay_epochs: float = 50.0
     final_lr_factor: float = 0.01
+    lr_update: str = "epoch"  # epoch (the authors'), or step: the same curve at the fractional epoch
     # [augment]
     patchout_time: int | None = None  # time columns dropped per batch (None: paper's for the variant)
     patchout_freq: int = 3
     mixup_alpha: float = 0.3  # 0: off
-    specaug_time_masks: int = 20  # up to this many masks per example ...
-    specaug_time_width: int = 8  # ... of this many frames
-    specaug_freq_masks: int = 5
-    specaug_freq_width: int = 8
+    # SpecAugment as the authors' code: this many masks per example, each 0 to width - 1 frames
+    # (bands) wide, uniformly (torchaudio's mask_param); the paper's text: "up to 20 x 8 frames,
+    # up to 5 x 8 bands". See train_data.spec_augment.
+    specaug_time_masks: int = 20
+    specaug_time_width: int = 8
+    specaug_freq_masks: int = 8
+    specaug_freq_width: int = 5
     # [swa] running mean of the weights at the end of epochs swa_start, swa_start + swa_every, ...
     swa_start: int = 50  # 0: no SWA
     swa_every: int = 5
@@ -168,6 +173,8 @@ def _validate(cls, d: dict, where: str) -> TrainConfig:
         raise bad("pos_embed", "expected separable or grid")
     if cfg.normalization not in ("auto", "dataset", "official"):
         raise bad("normalization", "expected auto, dataset or official")
+    if cfg.lr_update not in ("epoch", "step"):
+        raise bad("lr_update", "expected epoch or step")
     if cfg.best_metric not in ("map", "roc_auc"):
         raise bad("best_metric", "expected map or roc_auc")
     if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
@@ -189,6 +196,8 @@ def _validate(cls, d: dict, where: str) -> TrainConfig:
             raise bad(key, "must not be negative")
     if cfg.patchout_time is not None and cfg.patchout_time < 0:
         raise bad("patchout_time", "must not be negative")
+    if cfg.specaug_freq_width > 96:
+        raise bad("specaug_freq_width", "there are 96 mel bands")
     if not 0 < cfg.final_lr_factor <= 1:
         raise bad("final_lr_factor", "expected a factor in (0, 1]")
     for key in ("adam_beta1", "adam_beta2"):

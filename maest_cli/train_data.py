@@ -1,5 +1,5 @@
 """What the training loop eats: the weighted epoch draw, its split across processes, and
-augmented batches (random crop, normalisation, mixup, SpecAugment).
+augmented batches (random crop, normalisation, SpecAugment, mixup).
 
 Every random choice is keyed, not drawn from a running generator: the epoch's draw from
 (seed, epoch), an example's crop and masks from (seed, epoch, its position in the draw), a
@@ -12,8 +12,14 @@ with batch N*b (mixup pairs within a process's own micro-batch, so it is the one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .meldataset import DatasetError
+
+if TYPE_CHECKING:
+    from .frontend import InputNorm
 
 # Stream tags, so the keyed generators of different uses never coincide.
 SAMPLER, CROP, SPECAUG, MIXUP, MIXUP_PAIRS, PATCHOUT = 1, 2, 3, 4, 5, 6
@@ -105,54 +111,31 @@ def mixup(x: np.ndarray, y: np.ndarray, lam: np.ndarray, partner: np.ndarray) ->
     return xm.astype(np.float32), ym.astype(np.float32)
 
 
+# The authors' time masks are at most this share of the segment long (torchaudio's p = 0.2).
+TIME_MASK_MAX_SHARE = 0.2
+
+
 def spec_augment(x: np.ndarray, rng: np.random.Generator, time_masks: int, time_width: int,
                  freq_masks: int, freq_width: int, value: float = 0.0) -> np.ndarray:
-    """SpecAugment on one [T, M] spectrogram, in place: a random number (0 to time_masks) of
-    time_width-frame bands and (0 to freq_masks) freq_width-band bands set to `value` (0 after
-    normalisation = the training mean), at uniform positions (the paper: up to 20 x 8 frames,
-    up to 5 x 8 bands)."""
+    """SpecAugment on one normalised [T, M] spectrogram, in place, as the authors configure it
+    (torchaudio's TimeMasking / FrequencyMasking applied time_masks / freq_masks times): each
+    mask is floor(v) wide with v ~ U[0, width) (so 0 to width - 1 frames or bands; time masks
+    also under TIME_MASK_MAX_SHARE of T), starts at floor(U[0, length - v)), and is filled with
+    `value` (0 after normalisation: the training mean). Masks may overlap or be empty."""
     t, m = x.shape
-    for count, width, length, axis in ((time_masks, time_width, t, 0), (freq_masks, freq_width, m, 1)):
-        if count <= 0 or width <= 0:
+    time_cap = min(time_width, int(t * TIME_MASK_MAX_SHARE))
+    for count, width, length, axis in ((time_masks, time_cap, t, 0), (freq_masks, min(freq_width, m), m, 1)):
+        if count <= 0 or width < 1:
             continue
-        w = min(width, length)
-        for start in rng.integers(0, length - w + 1, size=rng.integers(0, count + 1)):
+        for _ in range(count):
+            v = rng.random() * width
+            start = int(rng.random() * (length - v))
+            stop = start + int(v)
             if axis == 0:
-                x[start:start + w] = value
+                x[start:stop] = value
             else:
-                x[:, start:start + w] = value
+                x[:, start:stop] = value
     return x
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Model input = (log-mel - mean) / (2 * std), the official models' convention (the factor 2
-    is in the authors' code and in Essentia)."""
-
-    mean: float
-    std: float
-    source: str  # "dataset" (its stats.json) or "official" (the Discogs20 constants)
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / (2.0 * self.std)).astype(np.float32)
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "source": self.source,
-                "formula": "(x - mean) / (2 * std)"}
-
-    @classmethod
-    def of_checkpoint(cls, metadata: dict | None) -> Normalization:
-        """The input scaling a checkpoint was trained with: its `input_norm` metadata (written by
-        `maest train`), else the official constants (official and Hugging Face models)."""
-        import json
-
-        from .frontend import NORM_MEAN, NORM_STD
-
-        raw = (metadata or {}).get("input_norm")
-        if raw:
-            d = json.loads(raw) if isinstance(raw, str) else raw
-            return cls(float(d["mean"]), float(d["std"]), str(d.get("source", "checkpoint")))
-        return cls(NORM_MEAN, NORM_STD, "official")
 
 
 @dataclass(frozen=True)
@@ -167,10 +150,14 @@ class Augment:
 class TrainBatches:
     """Micro-batch number i of one process in one epoch -> (x [b, frames, 96] float32 normalised
     and augmented, y [b, C] float32). A map-style dataset of whole batches for a DataLoader with
-    batch_size=None, so workers prefetch batches and the order stays the loop's."""
+    batch_size=None, so workers prefetch batches and the order stays the loop's.
+
+    The authors' order: crop, normalise, SpecAugment (per example), mixup (per micro-batch).
+    A damaged dataset gives {"error": message} instead of a batch, for the loop to raise: an
+    exception raised in a worker would arrive with the worker's traceback in its message."""
 
     def __init__(self, data, order: np.ndarray, layout: BatchLayout, rank: int, epoch: int, seed: int,
-                 frames: int, norm: Normalization, augment: Augment):
+                 frames: int, norm: InputNorm, augment: Augment):
         self.data, self.order, self.layout, self.rank = data, order, layout, rank
         self.epoch, self.seed, self.frames, self.norm, self.augment = epoch, seed, frames, norm, augment
 
@@ -178,6 +165,12 @@ class TrainBatches:
         return self.layout.micro_batches
 
     def __getitem__(self, micro: int):
+        try:
+            return self._batch(micro)
+        except DatasetError as e:
+            return {"error": str(e)}
+
+    def _batch(self, micro: int):
         import torch
 
         a, s, e = self.augment, self.seed, self.epoch
@@ -186,14 +179,14 @@ class TrainBatches:
         x = np.stack([self.norm.apply(self.data.crop(int(r), self.frames, rng=keyed_rng(s, CROP, e, p)))
                       for r, p in zip(rows, pos)])
         y = self.data.targets(rows)
-        if a.mixup_alpha > 0 and len(rows) > 1:
-            lam = np.array([mixup_lambda(keyed_rng(s, MIXUP, e, p), a.mixup_alpha) for p in pos])
-            partner = keyed_rng(s, MIXUP_PAIRS, e, micro, self.rank).permutation(len(rows))
-            x, y = mixup(x, y, lam, partner)
         if a.time_masks or a.freq_masks:
             for i, p in enumerate(pos):
                 spec_augment(x[i], keyed_rng(s, SPECAUG, e, p), a.time_masks, a.time_width,
                              a.freq_masks, a.freq_width)
+        if a.mixup_alpha > 0 and len(rows) > 1:
+            lam = np.array([mixup_lambda(keyed_rng(s, MIXUP, e, p), a.mixup_alpha) for p in pos])
+            partner = keyed_rng(s, MIXUP_PAIRS, e, micro, self.rank).permutation(len(rows))
+            x, y = mixup(x, y, lam, partner)
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -218,5 +211,5 @@ def eval_crops(data, row: int, frames: int, segments: int) -> np.ndarray:
 
 
 __all__ = ["class_weights", "track_weights", "draw_epoch", "BatchLayout", "mixup_lambda", "mixup",
-           "spec_augment", "Normalization", "Augment", "TrainBatches", "patchout_generator", "eval_crops",
+           "spec_augment", "TIME_MASK_MAX_SHARE", "Augment", "TrainBatches", "patchout_generator", "eval_crops",
            "keyed_rng"]

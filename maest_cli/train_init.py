@@ -159,15 +159,7 @@ def init_model(model: MAEST, init: str, labels: list[str]) -> InitInfo:
 
             src_labels = read_labels(f"discogs{ckpt.config.n_classes}")
         state = maest_to_maest(ckpt.state, cfg)
-        norm = ckpt.metadata.get("input_norm")
-        if norm:
-            import json
-
-            info.input_norm = json.loads(norm) if isinstance(norm, str) else norm
-        else:  # the official models and their ports: the Discogs20 constants
-            from .frontend import NORM_MEAN, NORM_STD
-
-            info.input_norm = {"mean": NORM_MEAN, "std": NORM_STD, "source": "official"}
+        info.input_norm = ckpt.input_norm.to_dict()  # a run of ours: its own; official models: the constants
         info.notes.append(f"MAEST {ckpt.source_format} weights, {ckpt.config.t_patches} time patches -> "
                           f"{cfg.t_patches}")
     elif kind == "passt":
