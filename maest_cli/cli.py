@@ -172,6 +172,8 @@ def extract(
     dtype: str = typer.Option("auto", help="auto (bf16 where native, else fp32), fp32, bf16, fp16 (GPU)."),
     workers: int = typer.Option(1, help="Decoder processes (0: decode in the main process)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Segments per forward (CPU: 1 is fastest)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Model threads in the main process (default: "
+                                          "torch's, all cores). Decoders use one each."),
     ext: Optional[str] = typer.Option(None, "--ext", help="Extensions to take from directories, e.g. mp3,wav "
                                       "(default: every decodable format)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard what DIR holds and start again."),
@@ -188,7 +190,7 @@ def extract(
         summary = run_extract(
             [str(p) for p in paths], out, model=model, preset=patchout, time_keep_every=time_keep_every,
             drop_freq_rows=drop_freq_rows, block=block, tokens=tokens, pool=pool, hop=hop, scores=scores,
-            device=device, dtype=dtype, workers=workers, batch_size=batch_size,
+            device=device, dtype=dtype, workers=workers, batch_size=batch_size, threads=threads,
             extensions=ext.split(",") if ext else None, overwrite=overwrite, shard=shard,
             progress=not quiet, files_per_part=files_per_part)
         if as_json:
@@ -306,7 +308,7 @@ def train_cmd(
         overrides = {**parse_set(sets), **{k: v for k, v in dict(
             init=init, epochs=epochs, epoch_len=epoch_len, batch_size=batch_size, device=device, seed=seed,
             dtype=dtype).items() if v is not None}}
-        from .train import TrainError, in_launched_worker, launch, train, worker_args
+        from .train import TrainError, in_launched_worker, launch, train, worker_argv
 
         if nproc > 1 and not in_launched_worker():
             # Fail on usage errors here, before N processes start and fail alike.
@@ -320,8 +322,7 @@ def train_cmd(
                     MelDataset(data)
                 except DatasetError as e:
                     raise UsageError(f"--data: {e}") from None
-            code = launch(nproc, worker_args(data, out, config, init, epochs, epoch_len, batch_size, device,
-                                             resume, seed, dtype, sets) + (["--quiet"] if quiet else []))
+            code = launch(nproc, worker_argv(sys.argv))
             raise typer.Exit(code)
         try:
             summary = train(data, out, config, overrides, resume=resume, progress=not quiet)
@@ -347,15 +348,16 @@ def probe_cmd(
                                                 help="mtt: folder of annotations_final.csv; MTG-Jamendo: clone of "
                                                      "mtg-jamendo-dataset; custom: the TSV/CSV file."),
     audio_root: Optional[Path] = typer.Option(None, "--audio-root", help="Extract from this audio folder first."),
-    split: int = typer.Option(0, "--split", help="MTG-Jamendo split number."),
+    split: Optional[int] = typer.Option(None, "--split", help="MTG-Jamendo split number (default 0)."),
     grid: str = typer.Option("quick", "--grid", help="paper, quick, none, or a grid TOML file."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds of the selected setting (mean and std)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: probe-DATASET)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: probe-DATASET-EMBEDDINGSNAME)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
     min_match: float = typer.Option(0.5, "--min-match", help="Least share of labelled tracks that must have "
                                                             "an embedding."),
-    fresh: bool = typer.Option(False, "--fresh", help="Ignore the state of an interrupted run in --out."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard the state of an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results of other inputs in --out."),
     compare: bool = typer.Option(False, "--compare", help="Print results.json files side by side."),
     model: Optional[str] = typer.Option(None, "--model", help="With --audio-root: model name or weights file."),
     patchout: str = typer.Option("none", "--patchout", help="With --audio-root: speed preset (as extract)."),
@@ -381,15 +383,16 @@ def probe_cmd(
             raise UsageError("give one DATASET (or --compare A.json B.json)")
         if dataset_root is None:
             raise UsageError("--dataset-root is required")
-        from .probe import probe
+        from .probe import default_out, probe
         from .probe_data import ProbeError
         from .probe_report import results_table
 
         try:
             results = probe(args[0], dataset_root=dataset_root, embeddings=embeddings, audio_root=audio_root,
                             split=split, grid=grid, seeds=seeds, device=device,
-                            out=out or Path(f"probe-{args[0]}"), threads=threads, min_match=min_match,
-                            resume=not fresh, log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
+                            out=out or default_out(args[0], embeddings, audio_root), threads=threads,
+                            min_match=min_match, resume=not fresh, overwrite=overwrite,
+                            log=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
                             extract_options={"model": model, "preset": patchout, "block": block,
                                              "tokens": tuple(t for t in tokens.split(",") if t), "dtype": dtype,
                                              "workers": workers, "batch_size": extract_batch_size,
@@ -398,6 +401,13 @@ def probe_cmd(
             err.print(f"maest: error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         Console(width=None if sys.stdout.isatty() else 200).print(results_table(results))
+        if results.get("extract_failed"):
+            print_error(f"{results['extract_failed']} audio files could not be embedded (see "
+                        f"{results['embeddings']['dir']}); the probe used the others")
+            raise typer.Exit(1)
+
+# ------------------------------------------------------------------ corpus
+# (corpus command goes here)
 
 # ------------------------------------------------------------------ bench
 

@@ -5,12 +5,18 @@ sends their segments to the main process over its own pipe, a few segments ahead
 decoding overlaps the model and memory stays bounded (back-pressure). One pipe per worker,
 not one shared queue: a worker that dies mid-message (a decoder crash on a bad file) can
 neither corrupt the others' messages nor leave a shared lock held. The main process knows
-which files each worker holds: when one dies, the file it was decoding is failed, its other
-files go to a fresh worker, and the run goes on. Workers die with their parent
-(PR_SET_PDEATHSIG, and a closed pipe), so a killed run leaves no orphans.
+which files each worker holds, and each worker posts the file it is decoding in a shared
+integer (not on the pipe: a worker runs ahead of what the main process has read, so the last
+file *seen* is not the one it was decoding). When a worker dies, that file is the culprit;
+the worker's other unfinished files (a finished one may still sit in its outbox) are decoded
+again by a fresh worker. The culprit too gets a second chance, alone on a worker, since a
+crash may come from outside (the OOM killer, a stray kill): it fails when a worker dies on
+it twice. Workers die with their parent (PR_SET_PDEATHSIG, and a closed pipe), so a killed
+run leaves no orphans.
 
 The protocol, per file: ("seg", fid, index, start, frames)..., then ("done", fid,
-n_segments, n_samples) or ("error", fid, stage, reason).
+n_segments, n_samples) or ("error", fid, stage, reason). ("retry", fid) means: forget what
+came of this file, it will be sent again from its first segment.
 """
 
 from __future__ import annotations
@@ -34,6 +40,15 @@ DECODE_AHEAD = 4
 # A worker that holds files but has sent nothing for this long is stuck (a decoder looping on a
 # hostile file, a hung network mount): it is killed and its current file fails.
 STALL_SECONDS = 300.0
+# A file on which a decoder process died this many times fails (fewer: it is decoded again).
+MAX_CRASHES_PER_FILE = 2
+# Decoder processes that died this many times in a row outside any file (at start-up, say)
+# stop the run: something is wrong with the machine or the install, not with a file.
+MAX_CRASHES_IN_A_ROW = 3
+
+
+class DecodersDied(ChildProcessError):
+    """Decoder processes keep dying outside any file; an OSError, so the CLI prints one line."""
 
 
 def file_messages(fid: int, path: str, segment_frames: int, hop: int) -> Iterator[tuple]:
@@ -59,11 +74,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _decoder_main(wid: int, conn, segment_frames: int, hop: int, ahead: int) -> None:
+def _decoder_main(wid: int, conn, segment_frames: int, hop: int, ahead: int, current) -> None:
     """A decoder process: tasks (fid, path) or None come in on `conn`, messages go out on it.
 
     A sender thread drains a small local queue into the pipe, so decoding runs up to `ahead`
-    messages ahead while the main process is busy with the model.
+    messages ahead while the main process is busy with the model. `current` (shared memory)
+    holds the fid being decoded, -1 between files: the main process reads it if this dies.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     _die_with_parent()
@@ -94,8 +110,10 @@ def _decoder_main(wid: int, conn, segment_frames: int, hop: int, ahead: int) -> 
         if task is None:
             break
         fid, path = task
+        current.value = fid
         for msg in file_messages(fid, path, segment_frames, hop):
             outbox.put(msg)
+        current.value = -1
     outbox.put(("exit", wid, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     outbox.put(None)
     thread.join()
@@ -128,9 +146,12 @@ class InlineDecoder:
     def __init__(self, files: list[tuple[int, str]], segment_frames: int, hop: int):
         self._gen = (m for fid, path in files for m in file_messages(fid, path, segment_frames, hop))
         self.peak_rss_mb = 0.0
+        self.exhausted = False  # every message has been handed out
 
     def get(self, block: bool = True):
-        return next(self._gen, None)
+        msg = next(self._gen, None)
+        self.exhausted = msg is None
+        return msg
 
     def close(self, abort: bool = False) -> None:
         self._gen.close()
@@ -140,50 +161,74 @@ class InlineDecoder:
 class _Worker:
     proc: object
     conn: object
+    current: object  # shared int: the fid it is decoding, -1 between files
     assigned: collections.deque  # fids sent to it and not finished, in order
     last_message: float = 0.0
     stalled: bool = False
 
 
 class DecoderPool:
-    """N decoder processes fed through their own pipes (see the module docstring)."""
+    """N decoder processes fed through their own pipes (see the module docstring).
+
+    `worker_main` is the decoder process's entry point (tests pass one that dies at once).
+    """
 
     PREFETCH = 2  # files queued per worker, so it never waits for its next task
-    MAX_FAILED_STARTS = 3
 
     def __init__(self, files: list[tuple[int, str]], n_workers: int, segment_frames: int, hop: int,
-                 ahead: int = DECODE_AHEAD, stall_seconds: float = STALL_SECONDS):
+                 ahead: int = DECODE_AHEAD, stall_seconds: float = STALL_SECONDS, worker_main=_decoder_main):
         self._ctx = _mp_context()
         self.stall_seconds = stall_seconds
         self._args = (segment_frames, hop, ahead)
+        self._worker_main = worker_main
         self._paths = dict(files)
         self._pending = collections.deque(fid for fid, _ in files)
         self._inbox: collections.deque = collections.deque()
         self._workers: dict[int, _Worker] = {}
         self._next_wid = 0
-        self._failed_starts = 0
+        self._crashes: collections.Counter = collections.Counter()  # fid -> workers that died decoding it
+        self._suspects: set[int] = set()  # fids a worker died on: decoded alone, to be sure of the blame
+        self._crashes_in_a_row = 0  # deaths outside any file since the last file ended
+        self._closing = False
         self.peak_rss_mb = 0.0
         for _ in range(max(1, min(n_workers, len(files)))):
             self._start_worker()
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing left to hand out and no one left to produce it."""
+        return not self._workers and not self._pending and not self._inbox
 
     def _start_worker(self) -> None:
         wid = self._next_wid
         self._next_wid += 1
         ours, theirs = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_decoder_main, args=(wid, theirs, *self._args),
+        current = self._ctx.RawValue("q", -1)
+        proc = self._ctx.Process(target=self._worker_main, args=(wid, theirs, *self._args, current),
                                  name=f"maest-decoder-{wid}", daemon=True)
         proc.start()
         theirs.close()
-        self._workers[wid] = _Worker(proc, ours, collections.deque(), time.monotonic())
+        self._workers[wid] = _Worker(proc, ours, current, collections.deque(), time.monotonic())
         self._top_up(wid)
+
+    def _next_for(self, w: _Worker) -> int | None:
+        """The next pending file for this worker: a suspect only to an idle worker, and then alone."""
+        if any(f in self._suspects for f in w.assigned):
+            return None
+        if not w.assigned:
+            return self._pending[0] if self._pending else None
+        return next((f for f in self._pending if f not in self._suspects), None)
 
     def _top_up(self, wid: int) -> None:
         w = self._workers[wid]
         try:
-            while self._pending and len(w.assigned) < self.PREFETCH:
-                fid = self._pending[0]
+            while len(w.assigned) < self.PREFETCH:
+                fid = self._next_for(w)
+                if fid is None:
+                    break
                 w.conn.send((fid, self._paths[fid]))
-                w.assigned.append(self._pending.popleft())
+                self._pending.remove(fid)  # after the send: a dead worker loses no file
+                w.assigned.append(fid)
             if not self._pending and not w.assigned:
                 w.conn.send(None)  # nothing left for it: let it exit
         except OSError:
@@ -200,7 +245,7 @@ class DecoderPool:
             wid = conns[conn]
             try:
                 msg = conn.recv()
-            except (EOFError, OSError):  # it exited, or died mid-message
+            except Exception:  # noqa: BLE001 - EOF: it exited, or died (maybe mid-message)
                 self._reap(wid)
                 continue
             self._workers[wid].last_message = time.monotonic()
@@ -212,7 +257,8 @@ class DecoderPool:
                 w = self._workers[wid]
                 with contextlib.suppress(ValueError):
                     w.assigned.remove(msg[1])
-                self._failed_starts = 0
+                self._suspects.discard(msg[1])
+                self._crashes_in_a_row = 0
                 self._top_up(wid)
             self._inbox.append(msg)
 
@@ -233,31 +279,50 @@ class DecoderPool:
                 w.proc.kill()  # its pipe closes: _receive reaps it
 
     def _reap(self, wid: int) -> None:
-        """A worker's pipe closed: done, or dead. The file it was decoding fails; its other
-        files go to a replacement."""
+        """A worker's pipe closed: it finished, or died. If it died, the file it was decoding
+        is the culprit (failed on its second death, else decoded again alone); its other
+        unfinished files are decoded again by a replacement (see the module docstring)."""
         w = self._workers.pop(wid)
         w.conn.close()
         w.proc.join(timeout=5)
-        if not w.assigned and w.proc.exitcode == 0:
-            return  # finished normally
+        if w.proc.is_alive():  # its pipe broke, but it lives on: it cannot be trusted
+            w.proc.kill()
+            w.proc.join(timeout=5)
+        if (not w.assigned and w.proc.exitcode == 0) or self._closing:
+            return  # finished normally, or we are shutting down
         code = w.proc.exitcode
         how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exit code {code}")
-        if w.assigned:
-            culprit = w.assigned.popleft()
-            reason = (f"decoding stalled (no output for {self.stall_seconds:.0f} s); the decoder was killed"
-                      if w.stalled else f"decoder process died ({how}) on this file")
-            self._inbox.append(("error", culprit, "decode", reason))
-            self._pending.extendleft(reversed(w.assigned))
+        culprit = w.current.value if w.current.value in w.assigned else None
+        if culprit is None and w.stalled and w.assigned:
+            culprit = w.assigned[0]
+        again = [f for f in w.assigned if f != culprit]
+        if culprit is None:
+            self._crashes_in_a_row += 1
+            if self._crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
+                raise DecodersDied(f"decoder processes keep dying ({how}, {self._crashes_in_a_row} times in a "
+                                   "row, outside any file): is the machine short of memory or processes?")
+        elif w.stalled:
+            self._inbox.append(("error", culprit, "decode", f"decoding stalled (no output for "
+                                f"{self.stall_seconds:.0f} s); the decoder was killed"))
         else:
-            self._failed_starts += 1
-            if self._failed_starts > self.MAX_FAILED_STARTS:
-                raise RuntimeError(f"decoder processes keep dying at start ({how})")
+            self._crashes[culprit] += 1
+            if self._crashes[culprit] >= MAX_CRASHES_PER_FILE:
+                self._inbox.append(("error", culprit, "decode", f"decoder process died ({how}) while decoding "
+                                    f"this file, {self._crashes[culprit]} times"))
+                self._suspects.discard(culprit)
+            else:
+                self._suspects.add(culprit)
+                again.insert(0, culprit)
+        for fid in again:  # what came of them so far is void: they start again from scratch
+            self._inbox.append(("retry", fid))
+        self._pending.extendleft(reversed(again))
         if self._pending:
             self._start_worker()
 
     def close(self, abort: bool = False) -> None:
         """Let workers finish (or kill them with abort=True) and collect their peak memory."""
+        self._closing = True
         if not abort:
             for w in self._workers.values():
                 with contextlib.suppress(OSError):

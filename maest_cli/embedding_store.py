@@ -6,16 +6,25 @@ Layout of DIR (readers skip names starting with '_' or '.', so the dataset is on
     part-<shard>-<run>-<seq>.parquet   committed rows; every file is written to a temporary
                                        name and renamed into place, so it is whole or absent
     _maest_extract.json                the settings that made the rows (checked on resume)
-    _errors.tsv                        files that failed in the last run (_errors-s<I>of<N>.tsv
-                                       per shard): path, root, stage, reason
+    _errors/errors.parquet             files that failed in the latest run: path, root, stage,
+                                       reason (errors-s<I>of<N>.parquet per shard; read them all
+                                       with pandas.read_parquet("DIR/_errors"))
     .staging-<shard>/<key>.arrow       one finished audio file each, waiting for the next part
     .maest-extract*.lock               flock files (the kernel drops them when a process dies)
+
+The errors live in a subfolder so that globs like "DIR/*.parquet" (polars, DuckDB) see the
+embeddings only. The errors file is rewritten whole (temp file + rename) at most every
+ERRORS_FLUSH_SECONDS and at each part and at the end: always readable; a kill loses at most
+the last second of it (those files are retried by the next run anyway).
 
 Each finished audio file is staged at once (atomically), so a kill loses only the files in
 flight; staged files are merged into a part every `files_per_part` files and at the end,
 and a later run merges what a killed run left. Parts are authoritative: a staged file whose
 key is already in a part (a kill between writing the part and deleting the staging) is
 dropped, so each audio file ends up in the dataset exactly once.
+
+A failed write (disk full, quota) raises OSError naming the file; the store then writes
+nothing more (no second temporary file): the staged files wait for the next run.
 
 Locks: an unsharded run holds DIR exclusively; the shards of one run share it (all with the
 same shard count) and each holds its own shard lock. Lock changes happen under a short
@@ -25,6 +34,7 @@ exclusive "meta" lock, so there are no races between runs starting together.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -46,7 +56,10 @@ METADATA_KEY = b"maest"
 LOCK = ".maest-extract.lock"
 META_LOCK = ".maest-extract.meta.lock"
 PART_GLOB = "part-*.parquet"
-ERRORS_HEADER = "path\troot\tstage\treason\n"
+ERRORS_DIR = "_errors"
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("root", pa.string()), ("stage", pa.string()),
+                           ("reason", pa.string())])
+ERRORS_FLUSH_SECONDS = 1.0
 
 
 class StoreBusy(UsageError):
@@ -86,8 +99,39 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def _tsv_field(s: object) -> str:
-    return " ".join(str(s).replace("\t", " ").splitlines())
+class StoreWriteError(OSError):
+    """A write into DIR failed; the message names the file: "PATH: cannot write (reason)"."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, tmp: Path | None = None):
+    """Turn an I/O error into StoreWriteError naming `path`, removing the temporary file."""
+    try:
+        yield
+    except OSError as e:  # pyarrow's write errors are OSErrors too
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if isinstance(e, StoreWriteError):
+            raise
+        reason = e.strerror or " ".join(str(e).split())[:200] or type(e).__name__
+        raise StoreWriteError(e.errno or errno.EIO, f"{path}: cannot write ({reason})") from e
+
+
+def _text(s: object) -> str:
+    """Valid UTF-8 for Arrow (a reason may carry undecodable bytes of a file name)."""
+    return str(s).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def read_errors(out: str | os.PathLike) -> pa.Table:
+    """The failures recorded in an extraction DIR (every shard's), as a table
+    path, root, stage, reason; empty when there are none."""
+    files = sorted(p for p in (Path(out) / ERRORS_DIR).glob("*.parquet"))
+    tables = [pq.read_table(p, schema=ERRORS_SCHEMA) for p in files]
+    return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
 
 
 def key_name(key: tuple[str, str]) -> str:
@@ -128,14 +172,17 @@ class EmbeddingStore:
         self.tag = shard.tag if shard else "all"
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(3)}"
         self.staging = self.out / f".staging-{self.tag}"
-        self.errors_path = self.out / ("_errors.tsv" if shard is None else f"_errors-{self.tag}.tsv")
+        self.errors_path = self.out / ERRORS_DIR / ("errors.parquet" if shard is None else f"errors-{self.tag}.parquet")
         self.warnings: list[str] = []
         self.parts_written: list[Path] = []
         self._committed: set[tuple[str, str]] = set()
         self._staged: list[Path] = []
         self._lock_fds: list[int] = []
-        self._errors_file = None
+        self._errors: list[tuple[str, str, str, str]] = []
+        self._errors_written = 0  # how many of them are on disk
+        self._errors_flushed_at = float("-inf")
         self._seq = 0
+        self.write_failed = False  # a write failed: write nothing more (see the module docstring)
         self.n_errors = 0
 
     # ------------------------------------------------------------ opening
@@ -223,14 +270,16 @@ class EmbeddingStore:
                 raise UsageError(f"--out {self.out}: holds Parquet files not written by `maest extract` "
                                  f"({', '.join(sorted(strays)[:3])}); use an empty or new directory")
         tmp = self.out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"format": FORMAT, "settings": self.settings, "metadata": self.metadata},
-                                  indent=1))
-        os.replace(tmp, path)
+        with _writing(path, tmp):
+            tmp.write_text(json.dumps({"format": FORMAT, "settings": self.settings, "metadata": self.metadata},
+                                      indent=1))
+            os.replace(tmp, path)
 
     def _wipe(self) -> None:
         """--overwrite: remove what earlier runs wrote (only our own file names)."""
         for p in [*self.out.glob(PART_GLOB), *self.out.glob("_errors*.tsv"), *self.out.glob(".part-*.tmp")]:
             p.unlink(missing_ok=True)
+        shutil.rmtree(self.out / ERRORS_DIR, ignore_errors=True)
         for d in self.out.glob(".staging-*"):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -273,8 +322,16 @@ class EmbeddingStore:
                     os.close(held)
 
     def _reset_errors(self) -> None:
-        """The errors file lists the failures of the latest run (failed files are retried)."""
-        targets = self.out.glob("_errors*.tsv") if self.shard is None else [self.errors_path]
+        """The errors file lists the failures of the latest run (failed files are retried).
+        (_errors*.tsv: the format of earlier versions.)"""
+        d = self.out / ERRORS_DIR
+        if self.shard is None:
+            targets = [*self.out.glob("_errors*.tsv"), *d.glob("*.parquet"), *d.glob(".*.tmp")]
+        else:  # its own file, and those of runs that cannot be live (unsharded, other shard counts)
+            others = {f"errors-s{i}of{self.shard.count}.parquet" for i in range(self.shard.count)
+                      if i != self.shard.index}
+            targets = [self.out / f"_errors-{self.tag}.tsv", self.errors_path.with_name(f".{self.errors_path.name}.tmp"),
+                       *(p for p in d.glob("*.parquet") if p.name not in others)]
         for p in targets:
             p.unlink(missing_ok=True)
 
@@ -285,22 +342,41 @@ class EmbeddingStore:
 
     def add(self, key: tuple[str, str], table: pa.Table) -> None:
         """Stage one audio file's rows (atomically); merge into a part when enough are staged."""
-        self.staging.mkdir(exist_ok=True)
+        self._check_writable()
         name = key_name(key) + ".arrow"
         tmp = self.staging / f".{name}.tmp"
         table = table.cast(self.schema.remove_metadata()) if table.schema != self.schema.remove_metadata() else table
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, self.staging / name)
+        with self._writing(self.staging / name, tmp):
+            self.staging.mkdir(exist_ok=True)
+            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            os.replace(tmp, self.staging / name)
         self._staged.append(self.staging / name)
         if len(self._staged) >= self.files_per_part:
             self.commit()
+        elif self._errors_written < len(self._errors):
+            self._flush_errors()
+
+    def _check_writable(self) -> None:
+        if self.write_failed:
+            raise StoreWriteError(errno.EIO, f"{self.out}: an earlier write failed; nothing more is written")
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path, tmp: Path | None = None):
+        try:
+            with _writing(path, tmp):
+                yield
+        except OSError:
+            self.write_failed = True
+            raise
 
     def commit(self) -> None:
-        """Merge this run's staged files into one new part file."""
+        """Merge this run's staged files into one new part file (and write the errors file)."""
+        self._check_writable()
         if self._staged:
             self._merge_staged(self._staged, tag=self.tag)
             self._staged = []
+        self._flush_errors(force=True)
 
     def _merge_staged(self, files: list[Path], tag: str) -> None:
         tables, keys = [], set()
@@ -333,32 +409,44 @@ class EmbeddingStore:
         name = f"part-{tag}-{self.run_id}-{self._seq:05d}.parquet"
         self._seq += 1
         tmp = self.out / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out / name)
+        with self._writing(self.out / name, tmp):
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.out / name)
         _fsync_dir(self.out)
         self.parts_written.append(self.out / name)
 
     def record_error(self, root: str, path: str, stage: str, reason: str) -> None:
-        """One line per failure, flushed at once so a kill keeps the errors found so far."""
-        if self._errors_file is None:
-            self._errors_file = open(self.errors_path, "a", encoding="utf-8")
-            if self._errors_file.tell() == 0:
-                self._errors_file.write(ERRORS_HEADER)
-        fields = (_tsv_field(x).encode("utf-8", "backslashreplace").decode("utf-8") for x in (path, root, stage, reason))
-        self._errors_file.write("\t".join(fields) + "\n")
-        self._errors_file.flush()
+        """A failure of this run, written to the errors file soon (see the module docstring)."""
+        self._errors.append((_text(path), _text(root), _text(stage), _text(reason)))
         self.n_errors += 1
+        self._flush_errors()
+
+    def _flush_errors(self, force: bool = False) -> None:
+        """Rewrite the errors file whole, atomically; at most every ERRORS_FLUSH_SECONDS unless forced."""
+        if self._errors_written == len(self._errors) or self.write_failed:
+            return
+        if not force and time.monotonic() - self._errors_flushed_at < ERRORS_FLUSH_SECONDS:
+            return
+        table = pa.table([list(col) for col in zip(*self._errors)], schema=ERRORS_SCHEMA)
+        tmp = self.errors_path.with_name(f".{self.errors_path.name}.tmp")
+        with self._writing(self.errors_path, tmp):
+            self.errors_path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.errors_path)
+        self._errors_written = len(self._errors)
+        self._errors_flushed_at = time.monotonic()
 
     def close(self) -> None:
         try:
-            self.commit()
+            if not self.write_failed:  # after a failed write: write nothing more, leave no second .tmp
+                self.commit()
         finally:
-            if self._errors_file is not None:
-                self._errors_file.close()
-                self._errors_file = None
             if self.staging.is_dir() and not any(self.staging.iterdir()):
                 with contextlib.suppress(OSError):
                     self.staging.rmdir()

@@ -7,7 +7,9 @@ batches segments, runs the model, pools per file and hands rows to the Embedding
 memory stays bounded whatever the file length, and a bad file costs that file only.
 
 Track rows are the mean of the segment embeddings; with --scores, the mean of per-segment
-sigmoid activations. --pool segment keeps one row per segment instead.
+sigmoid activations. --pool segment keeps one row per segment instead. A file whose
+embedding or scores come out non-finite fails (stage "model") rather than poisoning the
+dataset with NaN rows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +29,7 @@ from .artefacts import tool_versions
 from .decoders import DecoderPool, InlineDecoder, start_early
 from .embedding_store import FORMAT, EmbeddingStore, Shard
 from .frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
-from .runtime import UsageError
+from .runtime import UsageError, set_threads, torch_threads
 from .segments import hop_frames
 from .walk import FoundFile, find_audio_files
 
@@ -121,9 +124,9 @@ class _FileState:
     n_segments: int | None = None  # known once the decoder is done
     n_samples: int = 0
     n_computed: int = 0
-    emb_sum: np.ndarray | None = None
+    emb_sum: np.ndarray | None = None  # float64 sums, --pool track
     score_sum: np.ndarray | None = None
-    rows: list = field(default_factory=list)  # (index, start, length, emb, scores) with --pool segment
+    rows: list = field(default_factory=list)  # (index, start, length, emb, scores), --pool segment
 
 
 def output_schema(pool: str, dim: int, n_classes: int | None):
@@ -166,6 +169,10 @@ def _rows_table(schema, f: FoundFile, st: _FileState, pool: str):
 
 
 # ------------------------------------------------------------------ progress
+
+def _where(root: str, path: str) -> str:
+    return root if path == "." else os.path.join(root, path)
+
 
 class _Display:
     """Rich progress on stderr: files done/total, audio minutes, audio-min/s, errors."""
@@ -233,6 +240,8 @@ class ExtractSummary:
     preset: str = ""
     dtype: str = ""
     device: str = ""
+    threads: int = 0  # torch intra-op threads of the model (main process)
+    workers: int = 0  # decoder processes
     shard: str | None = None
     parts_written: int = 0
     peak_rss_mb: float = 0.0  # main process
@@ -269,18 +278,25 @@ def _device(device: str):
 
 def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop_freq_rows=None,
             block=7, tokens=("cls", "dist", "avg"), pool="track", hop="half", scores=False,
-            device="auto", dtype="auto", workers=1, batch_size=1, extensions=None,
+            device="auto", dtype="auto", workers=1, batch_size=1, threads=None, extensions=None,
             overwrite=False, shard=None, progress=True, registry=None, files_per_part=512) -> ExtractSummary:
     """Embed every audio file under `paths` into the Parquet dataset directory `out`.
 
     Files already in `out` (same settings) are skipped; failures are recorded in
-    out/_errors.tsv and counted, never raised. Raises UsageError / ConfigError /
-    ModelNotFound / CheckpointError (exit code 2) for bad options, a busy or mismatched `out`,
-    or weights that cannot be had. See the module docstring for segmentation and pooling.
+    out/_errors/ (`embedding_store.read_errors(out)`) and counted, never raised. Raises
+    UsageError / ConfigError / ModelNotFound / CheckpointError (exit code 2) for bad options, a
+    busy or mismatched `out`, or weights that cannot be had; OSError (exit code 1) when `out`
+    cannot be written (disk full: the message names the file) or decoder processes cannot run.
+    See the module docstring for segmentation and pooling.
+
+    `threads`: torch intra-op threads for the model (None: torch's default, all cores); set for
+    this call only. With `workers` > 0, decoders are processes started through a forkserver,
+    which imports the caller's main module: a script calling this must guard its entry point
+    with `if __name__ == "__main__":`, as for any multiprocessing code.
     """
     from .presets import get_preset
     from .registry import load_model
-    from .runtime import resolve_dtype
+    from .runtime import cpu_has_native_bf16, resolve_dtype
 
     t_start = time.perf_counter()
     # -- options that need nothing loaded: fail fast, before the model and before DIR exists
@@ -292,6 +308,8 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
         raise UsageError("--workers must be >= 0 (0: decode in the main process)")
     if int(batch_size) < 1:
         raise UsageError("--batch-size must be >= 1")
+    if threads is not None and int(threads) < 1:
+        raise UsageError("--threads must be >= 1")
     the_shard = parse_shard(shard)
     if overwrite and the_shard is not None:
         raise UsageError("--overwrite cannot be combined with sharding (each shard would delete the others' "
@@ -300,13 +318,22 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
         raise UsageError("--time-keep-every must be >= 1")
     the_preset = get_preset(preset, None if time_keep_every is None else int(time_keep_every),
                             parse_rows(drop_freq_rows))
-    files, problems = find_audio_files(paths, extensions)
+    skipped: Counter = Counter()
+    files, problems = find_audio_files(paths, extensions, skipped)
     if int(workers) > 0 and files:
         start_early()
 
     # -- model
     dev = _device(device)
     dt = resolve_dtype(the_preset.dtype if dtype == "auto" else dtype, dev)
+    early_warnings = []
+    if dt == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
+        early_warnings.append("--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); it is emulated "
+                              "and can be hundreds of times slower than fp32")
+    if not files:
+        what = ", ".join(f"{n} {k}" for k, n in skipped.most_common(5))
+        early_warnings.append(f"no audio files found under {', '.join(os.fspath(p) for p in paths)}"
+                              + (f" (skipped: {what}; --ext chooses the extensions)" if what else ""))
     lm = load_model(model, device=str(dev), registry=registry, progress=progress)
     cfg = lm.config
     lm.model.eval()
@@ -320,9 +347,10 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
         raise UsageError(f"--patchout {the_preset.name}: {e}") from None
     seg_frames = cfg.frames
     hop_spec = str(hop)
-    hop = hop_frames(hop if isinstance(hop, str) else float(hop), seg_frames)
+    hop = hop_frames(hop, seg_frames)
     dim = len(tokens) * cfg.width
     frame_s = HOP_SIZE / SAMPLE_RATE
+    n_threads = int(threads) if threads else torch_threads()
 
     settings = {"format": FORMAT, "model_sha256": lm.sha256, "model_config": cfg.to_dict(), "block": block,
                 "tokens": list(tokens), "pool": pool, "segment_frames": seg_frames, "hop_frames": hop,
@@ -345,30 +373,35 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
         "columns": {"path": "relative to root, '/'-separated", "root": "absolute directory the file was found under"},
         "frontend": FRONTEND.to_dict(), "input_norm": lm.input_norm.to_dict(),
         "dtype": dt, "device": str(dev), "versions": tool_versions(),
+        "runtime": {"threads": n_threads, "decoder_workers": int(workers)},
     }
     schema = output_schema(pool, dim, cfg.n_classes if scores else None)
 
     summary = ExtractSummary(out=str(out), model=lm.name, model_sha256=lm.sha256, preset=the_preset.name,
-                             dtype=dt, device=str(dev), shard=f"{the_shard.index}/{the_shard.count}" if the_shard else None)
+                             dtype=dt, device=str(dev), threads=n_threads, workers=int(workers),
+                             shard=f"{the_shard.index}/{the_shard.count}" if the_shard else None)
     store = EmbeddingStore(out, schema, settings, metadata, the_shard, overwrite, files_per_part).open()
     source = None
     display = None
+    threads_before = torch_threads()
     try:
+        set_threads(n_threads)
         mine = files if the_shard is None else [f for f in files if shard_of(f, the_shard.count) == the_shard.index]
         done = store.done_keys()
         todo = [f for f in mine if f.key not in done]
         summary.n_files, summary.n_skipped = len(mine), len(mine) - len(todo)
         display = _Display(progress, len(todo))
-        for w in store.warnings:
+        summary.warnings += early_warnings
+        for w in [*early_warnings, *store.warnings]:
             display.say(f"maest: warning: {w}")
         for p in problems:
             if p.failed:
                 store.record_error(p.root, p.path, "walk", p.reason)
                 summary.n_failed += 1
-                display.say(f"maest: error: {os.path.join(p.root, p.path)}: {p.reason} (stage: walk)")
+                display.say(f"maest: error: {_where(p.root, p.path)}: {p.reason} (stage: walk)")
             else:
-                summary.warnings.append(f"{os.path.join(p.root, p.path)}: {p.reason}")
-                display.say(f"maest: warning: {os.path.join(p.root, p.path)}: {p.reason}")
+                summary.warnings.append(f"{_where(p.root, p.path)}: {p.reason}")
+                display.say(f"maest: warning: {_where(p.root, p.path)}: {p.reason}")
         if todo:
             tasks = [(i, f.full_path) for i, f in enumerate(todo)]
             if int(workers) == 0:
@@ -386,7 +419,8 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
             source.close(abort=True)
         if display is not None:
             display.stop()
-        store.close()
+        set_threads(threads_before)
+        store.close()  # commits the staged files, unless a write already failed
     summary.parts_written = len(store.parts_written)
     summary.warnings += store.warnings
     summary.errors_file = str(store.errors_path) if store.n_errors else None
@@ -437,17 +471,24 @@ def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingSto
             for fid in {b[0] for b in items}:
                 fail(fid, "model", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             return
+        finite = np.isfinite(embs).all(axis=1)
+        if scores is not None:
+            finite &= np.isfinite(scores).all(axis=1)
         touched = []
         for k, (fid, index, start, frames) in enumerate(items):
+            if not finite[k]:  # a second guard behind the frontend's: never a NaN row in the dataset
+                fail(fid, "model", f"the model's output is not finite (NaN or infinity) for segment {index} "
+                                   f"(from {start * HOP_SIZE / SAMPLE_RATE:.2f} s)")
             st = states.get(fid)
             if st is None:
                 continue
-            e64 = embs[k].astype(np.float64)
-            st.emb_sum = e64 if st.emb_sum is None else st.emb_sum + e64
-            if scores is not None:
-                s64 = scores[k].astype(np.float64)
-                st.score_sum = s64 if st.score_sum is None else st.score_sum + s64
-            if pool == "segment":
+            if pool == "track":
+                e64 = embs[k].astype(np.float64)
+                st.emb_sum = e64 if st.emb_sum is None else st.emb_sum + e64
+                if scores is not None:
+                    s64 = scores[k].astype(np.float64)
+                    st.score_sum = s64 if st.score_sum is None else st.score_sum + s64
+            else:
                 st.rows.append((index, start, len(frames), embs[k].copy(),
                                 None if scores is None else scores[k].copy()))
             st.n_computed += 1
@@ -464,8 +505,8 @@ def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingSto
         if msg is None:
             if batch:
                 flush()
-            elif isinstance(source, InlineDecoder):
-                raise RuntimeError("decoder stream ended with files unaccounted for")  # a bug, not a bad file
+            elif source.exhausted:  # a bug, not a bad file: never spin on a source that has nothing more
+                raise RuntimeError(f"the decoders stopped with {n_todo - len(closed)} files unaccounted for")
             continue
         kind, fid = msg[0], msg[1]
         if fid in closed:
@@ -484,5 +525,8 @@ def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingSto
             maybe_finish(fid)  # else its last segments wait for the batch to fill or the queue to run dry
         elif kind == "error":
             fail(fid, msg[2], msg[3])
+        elif kind == "retry":  # its decoder died: the file comes again from its first segment
+            states.pop(fid, None)
+            batch[:] = [b for b in batch if b[0] != fid]
     flush()
     summary.pipeline_seconds = time.perf_counter() - t_first if t_first is not None else 0.0

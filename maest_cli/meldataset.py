@@ -6,7 +6,8 @@ Layout of DATASET_DIR:
   labels.txt             the vocabulary; label i of the index is line i
   stats.json             mean/std of the training split's log-mel, label counts per split
   manifest.json          frontend constants, crop, options, versions, shard sizes and sha256
-  errors.tsv             audio that could not be decoded (path, stage, reason)
+  errors.tsv             audio that could not be decoded (plan_row, path, stage, reason); plan_row -1:
+                         a directory the walk could not read (its audio is missing from the dataset)
   label_problems.tsv     label rows without audio, audio without labels, unknown tags, ...
   report.json            the counts of the run
 Frames are stored UNNORMALISED; the reader returns float32 crops of them without reading the
@@ -16,7 +17,6 @@ This module does not import torch: DataLoader workers stay light.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .artefacts import sha256_file
+
 FORMAT = "maest-mels"
 FORMAT_VERSION = 1
 N_MELS = 96  # frontend.N_MELS, repeated here so reading a dataset does not import torch
@@ -36,6 +38,7 @@ SPLITS = ("train", "validation", "test")
 MANIFEST, INDEX, LABELS, STATS = "manifest.json", "index.parquet", "labels.txt", "stats.json"
 ERRORS, REPORT, LABEL_PROBLEMS = "errors.tsv", "report.json", "label_problems.tsv"
 WORK_DIR, SHARD_DIR = "_work", "shards"
+WORK_TRASH = "_work.done"  # _work renamed once the manifest is written, then deleted
 
 INDEX_SCHEMA = pa.schema([
     ("plan_row", pa.int64()),  # position in the full, sorted input list (stable across --shard parts)
@@ -57,12 +60,13 @@ def shard_file(k: int) -> str:
     return f"{SHARD_DIR}/mels-{k:05d}.f16"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def is_finished(root: str | os.PathLike) -> bool:
+    """A manifest of ours is there. It is written last, atomically, after every other file, so
+    its presence means the dataset is complete; leftover _work files are then only garbage."""
+    try:
+        return json.loads((Path(root) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def stats_from_sums(n: int, total: np.ndarray, total_sq: np.ndarray) -> dict:
@@ -237,7 +241,7 @@ def verify_dataset(root: str | os.PathLike) -> list[str]:
     """
     root = Path(root)
     problems: list[str] = []
-    if (root / WORK_DIR).exists():
+    if (root / WORK_DIR).exists() and not (root / MANIFEST).exists():
         problems.append(f"{root / WORK_DIR}: an unfinished prepare-mels run (rerun the same command to finish it)")
     try:
         manifest = _read_json(root / MANIFEST)

@@ -5,8 +5,9 @@ A run is a plan, then the writer (melwriter.py):
   split into train/validation/test (from the label files, else artist-disjoint from a seed).
   Computed over the whole input, so every `--shard I/N` part agrees on it; stored in
   DATASET_DIR/_work, so a rerun after a kill goes on with the same plan.
-- decode: `--workers` processes (joblib) decode and compute the mel of each track; results come
-  back in plan order whatever the timing, and one writer stores them.
+- decode: `--workers` processes (joblib's loky executor) decode and compute the mel of each
+  track; results come back in plan order whatever the timing, and one writer stores them. A
+  decoder that dies (segfault, out-of-memory kill) fails its track, not the run (_decode_all).
 `merge_datasets` joins the parts of one plan through the same writer. The dataset format and
 its reader are in meldataset.py.
 """
@@ -17,15 +18,15 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
-import posixpath
 import re
 import shutil
 import sys
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .audio import AUDIO_EXTENSIONS, AudioError
-from .labels import SPLITS, LabelProblem, match_audio, read_label_files
+from .artefacts import sha256_file, write_json
+from .audio import AUDIO_EXTENSIONS, AudioError, audio_info, iter_audio
+from .frontend import SAMPLE_RATE, StreamingMel, file_mel
+from .labels import SPLITS, LabelProblem, match_audio, mtt_directory_split, read_label_files
 from .meldataset import (ERRORS, FRAME_BYTES, INDEX_SCHEMA, LABEL_PROBLEMS, MANIFEST, REPORT, WORK_DIR,
-                         DatasetError, MelDataset, sha256_file, verify_dataset)
-from .melwriter import HOP_SECONDS, dir_state, run_plan, start_fresh, write_json, write_parquet, write_tsv
+                         DatasetError, MelDataset, verify_dataset)
+from .melwriter import dir_state, discard_work, run_plan, start_fresh, write_parquet, write_tsv
 from .runtime import UsageError
+from .walk import WalkProblem, find_audio_files
 
 __all__ = ["prepare_mels", "merge_datasets", "verify_dataset", "MelDataset", "Crop", "parse_size",
            "assign_splits", "build_plan", "decode_track"]
@@ -111,36 +115,27 @@ def parse_part(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 # ------------------------------------------------------------------ plan
 
-def scan_audio(root: Path, exclude: Path | None = None) -> tuple[list[str], int, dict[str, int]]:
-    """Audio files under root as sorted '/'-paths; hidden files skipped; other files by extension
-    (so that, say, a folder of .m4a files is reported rather than silently empty)."""
-    found, hidden, other = [], 0, Counter()
-    exclude = exclude.resolve() if exclude else None
-    for d, dirs, files in os.walk(root, followlinks=True):
-        if exclude is not None and Path(d).resolve() == exclude:
-            dirs[:] = []
-            continue
-        hidden += sum(1 for x in dirs if x.startswith(".")) + sum(1 for x in files if x.startswith("."))
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
-        rel = Path(d).relative_to(root).as_posix()
-        for name in files:
-            ext = posixpath.splitext(name)[1].lower()
-            if name.startswith("."):
-                continue
-            if ext in AUDIO_EXTENSIONS:
-                found.append(name if rel == "." else f"{rel}/{name}")
-            else:
-                other[ext or "(none)"] += 1
-    return sorted(found), hidden, dict(sorted(other.items()))
+@dataclass
+class Scan:
+    """The audio files under a root, and what the walk passed over or could not enter."""
+
+    paths: list[str]  # relative to the root, '/'-separated text (bad bytes escaped), sorted
+    sources: list[bytes]  # the same files' real relative names on disk, to open them
+    hidden: int  # hidden entries skipped
+    other: dict[str, int]  # other files by extension
+    problems: list[WalkProblem]  # symlink loops (not followed), unreadable directories
 
 
-def mtt_directory_split(path: str) -> str:
-    """MagnaTagATune's 12:1:3 rule on the first directory: 0-b train, c validation, d-f test."""
-    first = path.split("/", 1)[0]
-    if "/" not in path or len(first) != 1 or first.lower() not in "0123456789abcdef":
-        raise UsageError(f"--split-by mtt-directory: {path!r} is not in a one-hex-digit directory (0-9, a-f)")
-    part = int(first, 16)
-    return "train" if part < 12 else "validation" if part == 12 else "test"
+def scan_audio(root: Path) -> Scan:
+    """Audio files under root, through the walker extract uses (walk.py): sorted, symlink
+    loops reported and not followed, unreadable directories reported. Hidden and other files
+    are counted (so that, say, a folder of .m4a files is reported rather than silently empty)."""
+    skipped: Counter = Counter()
+    found, problems = find_audio_files([root], AUDIO_EXTENSIONS, skipped)
+    base = os.path.abspath(root)
+    sources = [os.fsencode(os.path.relpath(f.full_path, base)) for f in found]
+    hidden = skipped.pop("hidden", 0)
+    return Scan([f.path for f in found], sources, hidden, dict(sorted(skipped.items())), problems)
 
 
 def assign_splits(paths: list[str], artists: list[str], given: list[str], split_by: str,
@@ -178,22 +173,28 @@ def assign_splits(paths: list[str], artists: list[str], given: list[str], split_
 
 @dataclass
 class Plan:
-    table: pa.Table  # plan_row, path, track_id, split, artist, labels: the whole input, sorted by path
+    table: pa.Table  # PLAN_SCHEMA + SOURCE: the whole input, sorted by path
     vocabulary: list[str]
     report: dict
     problems: list[LabelProblem] = field(default_factory=list)
+    walk_errors: list[list] = field(default_factory=list)  # errors.tsv rows of unreadable directories
 
 
 PLAN_SCHEMA = pa.schema([f for f in INDEX_SCHEMA if f.name in
                          ("plan_row", "track_id", "path", "split", "artist", "labels")])
+SOURCE = "source"  # plan column (not in the index): the file's real relative name, as bytes
+WALK_ROW = -1  # plan_row of an errors.tsv line about a directory rather than a track
 
 
 def build_plan(audio_root: Path, labels: list[str] | None, vocabulary: list[str] | None, top_k: int,
-               split_by: str, val_fraction: float, test_fraction: float, seed: int,
-               exclude: Path | None = None) -> Plan:
+               split_by: str, val_fraction: float, test_fraction: float, seed: int) -> Plan:
     """Every track to store, with labels and split, in path order, plus what did not match."""
-    audio, hidden, other = scan_audio(audio_root, exclude)
-    report: dict = {"audio_files": len(audio), "hidden_files_skipped": hidden, "other_files_by_extension": other}
+    scan = scan_audio(audio_root)
+    audio = scan.paths
+    report: dict = {"audio_files": len(audio), "hidden_files_skipped": scan.hidden,
+                    "other_files_by_extension": scan.other,
+                    "walk_problems": [{"path": w.path, "reason": w.reason, "inputs_missed": w.failed}
+                                      for w in scan.problems]}
     problems: list[LabelProblem] = []
     if labels:
         table = read_label_files(labels, vocabulary, top_k)
@@ -229,7 +230,10 @@ def build_plan(audio_root: Path, labels: list[str] | None, vocabulary: list[str]
     arrow = pa.table({"plan_row": pa.array(range(len(paths)), pa.int64()), "track_id": track_ids, "path": paths,
                       "split": splits, "artist": artists, "labels": pa.array(label_idx, pa.list_(pa.int32()))},
                      schema=PLAN_SCHEMA)
-    return Plan(arrow, vocab, report, problems)
+    source_of = dict(zip(scan.paths, scan.sources))
+    arrow = arrow.append_column(SOURCE, pa.array([source_of[p] for p in paths], pa.binary()))
+    walk_errors = [[WALK_ROW, w.path, "walk", w.reason] for w in scan.problems if w.failed]
+    return Plan(arrow, vocab, report, problems, walk_errors)
 
 
 def plan_sha256(table: pa.Table, vocabulary: list[str]) -> str:
@@ -247,38 +251,78 @@ def decode_track(path: str, crop: Crop) -> tuple:
     """('ok', float16 [frames, 96], source duration s, crop start s) or ('err', stage, reason).
 
     The crop is decoded alone where the format seeks; where the header has no length or the
-    file cannot seek, the whole file is decoded and the central frames kept. Never raises for a
-    bad file: one track must not stop a catalogue run.
+    file cannot seek, the file is decoded from its start instead (_decode_without_seeking),
+    giving the same frames. Never raises for a bad file: one track must not stop a catalogue run.
     """
     try:
-        from .audio import audio_info
-        from .frontend import file_mel
-
-        duration = audio_info(path).duration_s
-        mel = None
-        if duration > 0:
-            start, length = crop.window(duration)
+        info = audio_info(path)
+        if info.duration_s > 0:
+            start, length = crop_window(crop, info.duration_s, info.sample_rate)
             try:
-                mel = file_mel(path, start, length)
+                return _checked(file_mel(path, start, length), info.duration_s, start)
             except AudioError as e:
                 if "seek" not in e.reason:
                     raise
-        if mel is None:
-            mel = file_mel(path)
-            duration = duration or (len(mel) - 1) * HOP_SECONDS
-            mel, start = _central_frames(mel, crop)
-        if len(mel) == 0:
-            return ("err", "mel", "no frames")
-        half = mel.astype(np.float16)
-        if not np.isfinite(half).all():
-            return ("err", "mel", "NaN or infinite log-mel values")
-        return ("ok", half, float(duration), float(start))
+        return _decode_without_seeking(path, crop, info.sample_rate)
     except AudioError as e:
         return ("err", e.stage, e.reason)
     except MemoryError:
         return ("err", "decode", "out of memory")
     except Exception as e:  # noqa: BLE001 - reported in errors.tsv, the run goes on
         return ("err", "internal", f"{type(e).__name__}: {e}")
+
+
+def crop_window(crop: Crop, duration_s: float, sample_rate: int) -> tuple[float, float | None]:
+    """Crop.window with the start snapped to the grid on which audio.iter_audio can start an
+    excerpt exactly (1/gcd(rate, 16000) s: 10 ms at 44.1 kHz), so the recorded start_s is where
+    the stored frames really begin, and both decoding paths cut the same samples."""
+    start, length = crop.window(duration_s)
+    if length is not None:
+        grid = math.gcd(int(sample_rate), SAMPLE_RATE)
+        start = round(start * grid) / grid
+    return start, length
+
+
+def _checked(mel: np.ndarray, duration: float, start: float) -> tuple:
+    if len(mel) == 0:
+        return ("err", "mel", "no frames")
+    half = mel.astype(np.float16)
+    if not np.isfinite(half).all():
+        return ("err", "mel", "NaN or infinite log-mel values")
+    return ("ok", half, float(duration), float(start))
+
+
+def _decode_without_seeking(path: str, crop: Crop, sample_rate: int) -> tuple:
+    """For a file whose header has no length, or that cannot seek: decode it from the start,
+    once to count its samples (the crop is central, so the length must be known first), once
+    to keep the crop's samples. The frames are those the seeking path makes: the mel of the
+    crop's samples alone, zero-padded at its edges (not the whole track's frames cut at the crop,
+    whose edge frames would see audio outside it). Memory stays flat; the cost is two decodes,
+    for files that are rare."""
+    if crop.mode == "full":
+        mel, n = _excerpt_mel(path, 0, None)
+        return _checked(mel, n / SAMPLE_RATE, 0.0)
+    duration = sum(len(block) for block in iter_audio(path)) / SAMPLE_RATE
+    start, length = crop_window(crop, duration, sample_rate)
+    first = round(start * SAMPLE_RATE)
+    mel, _ = _excerpt_mel(path, first, None if length is None else round(length * SAMPLE_RATE))
+    return _checked(mel, duration, start)
+
+
+def _excerpt_mel(path: str, first: int, count: int | None) -> tuple[np.ndarray, int]:
+    """Log-mel of samples [first, first + count) (count None: to the end) of the file decoded
+    from its start, and the number of samples decoded."""
+    stream, parts, pos = StreamingMel(), [], 0
+    end = None if count is None else first + count
+    for block in iter_audio(path):
+        lo, hi = max(first - pos, 0), len(block) if end is None else min(end - pos, len(block))
+        pos += len(block)
+        if lo < hi:
+            parts.append(stream.feed(block[lo:hi]))
+        if end is not None and pos >= end:
+            break
+    parts.append(stream.finish())
+    return np.concatenate(parts), pos
 
 
 def _decode_in_worker(path: str, crop: Crop, parent: int) -> tuple:
@@ -305,38 +349,77 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="maest-parent-watch", daemon=True).start()
 
 
-def _central_frames(mel: np.ndarray, crop: Crop) -> tuple[np.ndarray, float]:
-    """The crop cut from a whole track's frames, and its start in seconds."""
-    from .frontend import SAMPLE_RATE, n_frames
-
-    keep = n_frames(round(crop.seconds * SAMPLE_RATE)) if crop.mode == "center" else len(mel)
-    if len(mel) <= keep:
-        return mel, 0.0
-    first = (len(mel) - keep) // 2
-    return mel[first: first + keep], first * HOP_SECONDS
+# A decoder process that dies on this many tracks in a row, each decoded alone, means the
+# machine (memory limits, a broken install) rather than the files: the run stops.
+MAX_CRASHES_IN_A_ROW = 5
 
 
-def _decode_all(root: Path, paths: list[str], crop: Crop, workers: int) -> Callable[[int], Iterator[tuple]]:
-    """The decode results from plan item `start` on, in plan order. The mel always runs on one
-    torch thread, in the workers and inline alike, so the stored bytes cannot depend on --workers."""
+def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], Iterator[tuple]]:
+    """The decode results of plan items `start`... (full paths), in plan order.
+
+    Decoding always runs in `workers` child processes, even for --workers 1: a decoder that
+    segfaults or is killed for memory then takes down its process, not the run, and the death
+    is seen at its cause. (Journalling an "attempting" marker before decoding in the main process
+    cannot tell such a crash from the user killing the run, which must resume without losing
+    the track.) When a process dies, the tracks in flight are decoded again one at a time: the
+    one that dies alone is failed ("decoder process died"), the others are stored as usual, so a
+    one-off kill costs nothing and a file that always crashes is failed once, and the pool is
+    restarted. The mel runs on one torch thread in every process, so the stored bytes cannot
+    depend on --workers.
+    """
     def produce(start: int) -> Iterator[tuple]:
-        todo = (str(root / p) for p in paths[start:])
-        if workers <= 1:
-            import torch
+        from joblib.externals.loky import get_reusable_executor
+        from joblib.externals.loky.process_executor import BrokenProcessPool
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                yield from (decode_track(p, crop) for p in todo)
-            finally:
-                torch.set_num_threads(threads)
-            return
-        from joblib import Parallel, delayed
-
-        # Results come back in input order whatever the timing; at most 2 per worker are in flight.
-        par = Parallel(n_jobs=workers, return_as="generator", pre_dispatch="2*n_jobs", batch_size=1)
-        yield from par(delayed(_decode_in_worker)(p, crop, os.getpid()) for p in todo)
+        task = _decode_in_worker  # looked up per run (a test swaps in one that crashes)
+        n, k = len(paths), start
+        window: deque = deque()  # futures of items k, k + 1, ... in order
+        alone_until = start  # items before this are decoded one at a time (after a crash)
+        crashes_in_a_row = 0
+        pool = None
+        try:
+            while k < n:
+                cap = 1 if k < alone_until else 2 * workers
+                try:
+                    if pool is None:
+                        pool = get_reusable_executor(max_workers=workers, timeout=300)
+                    while len(window) < cap and k + len(window) < n:
+                        window.append(pool.submit(task, paths[k + len(window)], crop, os.getpid()))
+                    result = window[0].result()
+                except BrokenProcessPool as e:
+                    in_flight = len(window)
+                    for f in window:
+                        f.cancel()
+                    window.clear()
+                    pool = None  # the next get_reusable_executor starts a fresh pool
+                    if cap > 1:
+                        alone_until = k + max(in_flight, 1)
+                        continue
+                    crashes_in_a_row += 1
+                    yield ("err", "decode", f"decoder process died on this file ({_death(e)})")
+                    k += 1
+                    if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
+                        raise ChildProcessError(
+                            f"decoder processes died on {crashes_in_a_row} track(s) in a row, the last on "
+                            f"{paths[k - 1]} ({_death(e)}): out of memory? They are recorded as failed; "
+                            f"rerun the same command to go on") from None
+                    continue
+                window.popleft()
+                crashes_in_a_row = 0
+                yield result
+                k += 1
+        finally:
+            for f in window:
+                f.cancel()
     return produce
+
+
+def _death(e: BaseException) -> str:
+    """How the process ended, e.g. 'SIGSEGV(-11)', from loky's TerminatedWorkerError message."""
+    m = re.search(r"exit codes of the workers are \{(.*?)\}", str(e))
+    if m:
+        return m.group(1)
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 # ------------------------------------------------------------------ the API
@@ -404,6 +487,7 @@ def prepare_mels(
     if state == "foreign":
         raise UsageError(f"--out {out}: not empty and not a prepare-mels dataset; choose a new directory")
     if state == "finished":
+        discard_work(out)  # what a kill at the very end of finalisation left
         manifest = json.loads((out / MANIFEST).read_text())
         old = {**manifest.get("options", {}), "part": manifest.get("part")}
         new = {**options, "part": list(part) if part else None}
@@ -422,8 +506,7 @@ def prepare_mels(
             print(f"prepare-mels: resuming the unfinished run in {out}", file=sys.stderr)
     else:
         start_fresh(out)
-        plan = build_plan(root, label_files, vocab_list, top_k, split_by, val_fraction, test_fraction, seed,
-                          exclude=out)
+        plan = build_plan(root, label_files, vocab_list, top_k, split_by, val_fraction, test_fraction, seed)
         items = plan.table
         if part:
             rows = np.asarray(items["plan_row"].to_pylist(), np.int64)
@@ -431,7 +514,7 @@ def prepare_mels(
         info = {"options": options, "part": list(part) if part else None,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "plan_sha256": plan_sha256(plan.table, plan.vocabulary), "vocabulary": plan.vocabulary,
-                "report": {**plan.report, "tracks_in_part": items.num_rows}}
+                "report": {**plan.report, "tracks_in_part": items.num_rows}, "carried_errors": plan.walk_errors}
         write_tsv(out / LABEL_PROBLEMS, ["kind", "path", "detail", "where"],
                   [(p.kind, p.path, p.detail, p.where) for p in plan.problems])
         if not plan.table.num_rows:
@@ -443,8 +526,20 @@ def prepare_mels(
         write_json(out / WORK_DIR / "plan.json", info)  # last: its presence means "planned"
         if progress:
             _print_plan(plan.report, out, items.num_rows)
-    produce = _decode_all(root, items["path"].to_pylist(), crop, workers)
+    names = (items[SOURCE].to_pylist() if SOURCE in items.column_names
+             else [p.encode() for p in items["path"].to_pylist()])
+    produce = _decode_all([os.path.join(root, os.fsdecode(b)) for b in names], crop, workers)
     return run_plan(out, info, items, produce, progress, commit_every, commit_seconds)
+
+
+# Options that say where the inputs were on the machine that made a part: recorded, but parts
+# made from the same audio and labels mounted elsewhere (other machines) still merge.
+PATH_OPTIONS = ("audio_root", "labels")
+
+
+def _comparable(options: dict) -> dict:
+    """The options that shape the data: labels by content (sha256), crop, top_k, splits, seed."""
+    return {k: v for k, v in options.items() if k not in PATH_OPTIONS}
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -470,6 +565,8 @@ def _print_plan(report: dict, out: Path, n: int) -> None:
                                                              report["other_files_by_extension"].items()))
     print(f"prepare-mels: {'; '.join(notes)} (details: {out / LABEL_PROBLEMS}); this run: {n} tracks",
           file=sys.stderr)
+    for w in report.get("walk_problems", []):  # also in report.json; unreadable ones in errors.tsv
+        print(f"maest: {w['path']}: {w['reason']} (stage: walk)", file=sys.stderr)
 
 
 def merge_datasets(parts: list[str | os.PathLike], out: str | os.PathLike, *, progress: bool = True,
@@ -492,8 +589,13 @@ def merge_datasets(parts: list[str | os.PathLike], out: str | os.PathLike, *, pr
         m = ds.manifest
         if m.get("part") is None:
             raise UsageError(f"--merge: {ds.root} is not a --shard part (it is a whole dataset)")
-        if m["plan_sha256"] != first["plan_sha256"] or m["options"] != first["options"]:
-            raise UsageError(f"--merge: {ds.root} comes from another input or other options than {sets[0].root}")
+        if m["plan_sha256"] != first["plan_sha256"]:
+            raise UsageError(f"--merge: {ds.root} comes from another input than {sets[0].root} (the plans differ: "
+                             f"other audio files, labels or splits)")
+        old, new = _comparable(first["options"]), _comparable(m["options"])
+        if old != new:
+            raise UsageError(f"--merge: {ds.root} was made with other options than {sets[0].root} "
+                             f"({_differences(old, new)})")
     got = sorted(ds.manifest["part"][0] for ds in sets)
     n_parts = first["part"][1]
     if got != list(range(1, n_parts + 1)):
@@ -501,11 +603,13 @@ def merge_datasets(parts: list[str | os.PathLike], out: str | os.PathLike, *, pr
     sets.sort(key=lambda ds: ds.manifest["part"][0])
 
     run_key = {"merge": [str(ds.root.resolve()) for ds in sets],
-               "manifests": [sha256_file(ds.root / MANIFEST) for ds in sets]}
+               "manifests": [sha256_file(ds.root / MANIFEST) for ds in sets],
+               "inputs": [{k: ds.manifest["options"].get(k) for k in PATH_OPTIONS} for ds in sets]}
     state = dir_state(out)
     if state == "foreign":
         raise UsageError(f"--out {out}: not empty and not a prepare-mels dataset; choose a new directory")
     if state == "finished":
+        discard_work(out)
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("merged_from") != run_key:
             raise UsageError(f"--out {out}: holds another dataset; choose a new directory")
@@ -526,6 +630,7 @@ def merge_datasets(parts: list[str | os.PathLike], out: str | os.PathLike, *, pr
             for line in f:
                 row, path, stage, reason = line.rstrip("\n").split("\t", 3)
                 carried.append((int(row), path, stage, reason))
+    carried = sorted(set(carried))  # every part walked the whole tree: its directory errors once
 
     if state == "unfinished":
         info = json.loads((out / WORK_DIR / "plan.json").read_text())

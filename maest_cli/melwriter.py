@@ -7,7 +7,9 @@ to its first torn line, cuts the shard back to the last committed track and the 
 the packing depends only on the plan, so the result is byte-identical to an uninterrupted run.
 A full shard is sealed: its sha256 and the training-split sums (for stats.json) are read back
 and journalled. `finalize` writes index, labels, stats, errors, report and, last, the manifest,
-each atomically, then removes _work. Used by both prepare_mels and merge_datasets.
+each atomically, then removes _work (discard_work). A present manifest means "finished" whatever
+else is there, so a kill during that removal can never send a rerun back to the shards. Used by
+both prepare_mels and merge_datasets.
 """
 
 from __future__ import annotations
@@ -28,34 +30,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .artefacts import fsync_file, sha256_file, tool_versions, write_atomic, write_json
+from .frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
 from .labels import SPLITS
-from .meldataset import (ERRORS, FORMAT, FORMAT_VERSION, FRAME_BYTES, INDEX, INDEX_SCHEMA, LABELS, MANIFEST,
-                         N_MELS, REPORT, SHARD_DIR, STATS, WORK_DIR, DatasetError, sha256_file, shard_file,
-                         stats_from_sums)
+from .meldataset import (ERRORS, FORMAT, FORMAT_VERSION, FRAME_BYTES, INDEX, INDEX_SCHEMA, LABEL_PROBLEMS, LABELS,
+                         MANIFEST, N_MELS, REPORT, SHARD_DIR, STATS, WORK_DIR, WORK_TRASH, DatasetError, is_finished,
+                         shard_file, stats_from_sums)
 
 JOURNAL_MAGIC = "maest-mels-journal"
-HOP_SECONDS = 256 / 16_000  # one frame
 
-# ------------------------------------------------------------------ atomic files
+SECONDS_PER_FRAME = HOP_SIZE / SAMPLE_RATE
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
-
+# ------------------------------------------------------------------ tables (atomic: artefacts.py)
 
 def write_parquet(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 
@@ -258,20 +249,46 @@ def _seal_line(path: Path, shard: int, extents: list[tuple[int, int]]) -> bytes:
 # ------------------------------------------------------------------ the run
 
 def dir_state(out: Path) -> str:
+    """finished (a manifest: whatever work files a kill left are leftovers, see discard_work),
+    unfinished (a plan in _work), unplanned (killed while planning), new, or foreign."""
+    if is_finished(out):
+        return "finished"
     if (out / WORK_DIR / "plan.json").is_file():
         return "unfinished"
     if (out / WORK_DIR).exists():
         return "unplanned"
-    if (out / MANIFEST).is_file():
-        return "finished"
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return "new"
     return "foreign"
 
 
+def discard_work(out: Path) -> None:
+    """Remove _work once the manifest is written: one rename takes journal and plan away
+    together (a rerun never sees one without the other), then the renamed directory is deleted.
+    Also removes what a kill of an earlier removal left, and temp files of killed atomic writes."""
+    _fsync_dir(out)  # the manifest's rename is on disk before _work goes
+    if (out / WORK_DIR).exists():
+        shutil.rmtree(out / WORK_TRASH, ignore_errors=True)
+        os.replace(out / WORK_DIR, out / WORK_TRASH)
+        _fsync_dir(out)
+    shutil.rmtree(out / WORK_TRASH, ignore_errors=True)
+    for name in (INDEX, LABELS, STATS, ERRORS, REPORT, MANIFEST, LABEL_PROBLEMS):
+        for tmp in out.glob(f".{name}.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def start_fresh(out: Path) -> None:
     """Remove what an interrupted planning left (only our own files) and make the directories."""
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    shutil.rmtree(out / WORK_TRASH, ignore_errors=True)
     for p in (out / SHARD_DIR).glob("mels-*.f16") if (out / SHARD_DIR).is_dir() else []:
         p.unlink()
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
@@ -363,8 +380,6 @@ def finalize(out: Path, info: dict, items: pa.Table, carried_errors: list | None
     n = sum(j.seals[s]["n"] for s in range(n_shards))
     total = sum((np.asarray(j.seals[s]["sum"]) for s in range(n_shards)), np.zeros(N_MELS))
     total_sq = sum((np.asarray(j.seals[s]["sumsq"]) for s in range(n_shards)), np.zeros(N_MELS))
-    from .frontend import FRONTEND
-
     stats = {"split": "train", "frames": int(n), **stats_from_sums(n, total, total_sq),
              "normalisation": "(x - mean) / (2 * std), as the official models do",
              "official": {"mean": FRONTEND.norm_mean, "std": FRONTEND.norm_std},
@@ -378,7 +393,7 @@ def finalize(out: Path, info: dict, items: pa.Table, carried_errors: list | None
     item_rows = items["plan_row"].to_pylist()
     item_paths = items["path"].to_pylist()
     errors = [(item_rows[k], item_paths[k], stage, reason) for k, stage, reason in j.errors]
-    errors = sorted(errors + list(carried_errors or []))
+    errors = sorted(errors + [tuple(e) for e in carried_errors or []])
     shards = []
     for s in range(n_shards):
         sel = shard_col == s
@@ -394,39 +409,15 @@ def finalize(out: Path, info: dict, items: pa.Table, carried_errors: list | None
     write_tsv(out / ERRORS, ["plan_row", "path", "stage", "reason"], errors)
     write_json(out / REPORT, report)
     write_json(out / MANIFEST, _manifest(info, index.num_rows, len(errors), shards))
-    shutil.rmtree(out / WORK_DIR)
+    discard_work(out)
     return report
 
 
-def _versions() -> dict:
-    import importlib.metadata
-
-    import soundfile
-    import soxr
-
-    try:  # the installed distribution; works even where the package is imported oddly
-        tool = importlib.metadata.version("maest-cli")
-    except importlib.metadata.PackageNotFoundError:  # a bare source checkout
-        tool = getattr(sys.modules.get(__package__), "__version__", "unknown")
-    v = {"maest-cli": tool, "python": sys.version.split()[0], "numpy": np.__version__,
-         "pyarrow": pa.__version__, "soundfile": soundfile.__version__,
-         "libsndfile": soundfile.__libsndfile_version__, "soxr": getattr(soxr, "__version__", "?")}
-    try:
-        import torch
-
-        v["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return v
-
-
 def _manifest(info: dict, n_tracks: int, n_failed: int, shards: list[dict]) -> dict:
-    from .frontend import FRONTEND
-
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "created": info["created"],
-            "tool": "maest prepare-mels", "versions": _versions(), "frontend": FRONTEND.to_dict(),
+            "tool": "maest prepare-mels", "versions": tool_versions(), "frontend": FRONTEND.to_dict(),
             "dtype": "float16", "layout": f"[frames, {N_MELS}] row-major, tracks back to back",
-            "frame_bytes": FRAME_BYTES, "frame_seconds": HOP_SECONDS,
+            "frame_bytes": FRAME_BYTES, "frame_seconds": SECONDS_PER_FRAME,
             "values": "unnormalised log-mel log10(1 + 10000 x); normalise with stats.json",
             "crop": info["options"]["crop"], "options": info["options"], "part": info.get("part"),
             "plan_sha256": info["plan_sha256"], "merged_from": info.get("merged_from"),
@@ -457,7 +448,7 @@ def run_plan(out: Path, info: dict, items: pa.Table, produce: Callable[[int], It
                     print(f"maest: {paths[k]}: {result[2]} ({result[1]})", file=sys.stderr)
             if progress and time.monotonic() - last > 10:
                 last = time.monotonic()
-                rate = frames * HOP_SECONDS / 60 / max(last - t0, 1e-9)
+                rate = frames * SECONDS_PER_FRAME / 60 / max(last - t0, 1e-9)
                 print(f"prepare-mels: {resumed_at + done}/{items.num_rows} tracks, {failed} failed, "
                       f"{rate:.2f} audio-min/s, shard {writer.shard}", file=sys.stderr)
         writer.seal()
@@ -466,4 +457,4 @@ def run_plan(out: Path, info: dict, items: pa.Table, produce: Callable[[int], It
     elapsed = time.monotonic() - t0
     report = finalize(out, info, items, info.get("carried_errors"))
     return {**report, "out": str(out), "resumed_from": resumed_at, "elapsed_s": round(elapsed, 3),
-            "audio_minutes_per_s": round(frames * HOP_SECONDS / 60 / elapsed, 3) if elapsed > 0 else None}
+            "audio_minutes_per_s": round(frames * SECONDS_PER_FRAME / 60 / elapsed, 3) if elapsed > 0 else None}

@@ -11,6 +11,7 @@ the file length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ def hop_frames(hop: str | float, segment_frames: int) -> int:
         seconds = float(hop)
     except (TypeError, ValueError):
         raise UsageError(f"--hop {hop!r}: expected half, full or a number of seconds") from None
+    if not math.isfinite(seconds):  # nan, inf, 1e400: float() takes them, round() would not
+        raise UsageError(f"--hop {hop}: expected a finite number of seconds")
     frames = round(seconds * SAMPLE_RATE / HOP_SIZE)
     if not 1 <= frames <= segment_frames:
         raise UsageError(f"--hop {hop}: must be between {HOP_SIZE / SAMPLE_RATE} s and one segment "
@@ -124,7 +127,7 @@ class DecodeStats:
 def iter_file_segments(path: str, segment_frames: int, hop: int, stats: DecodeStats | None = None,
                        min_frames: int = 16) -> Iterator[Segment]:
     """Decode -> 16 kHz -> log-mel -> segments, streaming. Raises AudioError
-    (stage open/decode/segment); segments already yielded belong to a failed file then."""
+    (stage open/decode/mel/segment); segments already yielded belong to a failed file then."""
     stats = stats if stats is not None else DecodeStats()
     mel = StreamingMel()
     cutter = SegmentCutter(segment_frames, hop, min_frames)

@@ -11,6 +11,7 @@ the same text in every run; `full_path` keeps the real name for opening the file
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -72,7 +73,7 @@ def normalize_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
 
 
 def find_audio_files(
-    paths: Sequence[str | os.PathLike], extensions: Iterable[str] | None = None
+    paths: Sequence[str | os.PathLike], extensions: Iterable[str] | None = None, skipped: Counter | None = None
 ) -> tuple[list[FoundFile], list[WalkProblem]]:
     """All files under `paths` whose extension is in `extensions`, each once, in order:
     PATHs as given, and under each directory sorted by relative path.
@@ -82,6 +83,15 @@ def find_audio_files(
     '.', e.g. macOS '._x.mp3' forks) are skipped. A file named explicitly is always taken,
     whatever its extension (decoding will say if it is not audio). A PATH that does not exist
     is a usage error: nothing has started yet and it is most likely a typo.
+
+    PATHs may overlap (`lib lib/rock`, or a link to the same folder): a file (device and
+    inode) reached through two PATHs is taken once, from the first, and each later PATH that
+    repeated files gets one problem (not failed) saying how many. Within one PATH, hard links
+    keep their own paths (only directory links are walked once, see above).
+
+    `skipped`, if given, counts what the walk passed over, so a caller can report it (a folder
+    of .m4a files should not look empty): "hidden" entries, and other files by extension
+    ('.m4a', '(none)').
     """
     exts = normalize_extensions(extensions)
     if not paths:
@@ -89,20 +99,43 @@ def find_audio_files(
     found: list[FoundFile] = []
     problems: list[WalkProblem] = []
     seen: set[tuple[str, str]] = set()
-    for given in paths:
+    first_path: dict[tuple[int, int], int] = {}  # a file's (st_dev, st_ino) -> the PATH it was found under
+    for i, given in enumerate(paths):
         p = os.path.abspath(os.fspath(given))
         if not os.path.lexists(p):
             raise UsageError(f"{given}: no such file or directory")
         if os.path.isdir(p):
-            files, probs = _walk_dir(p, exts)
+            files, probs = _walk_dir(p, exts, skipped)
             problems.extend(probs)
+            where = (as_text(p), ".")
         else:  # a file, or something that will fail to open (dangling link, FIFO): report it later
             files = [_found(os.path.dirname(p), os.path.basename(p))]
+            where = (files[0].root, files[0].path)
+        repeated: Counter = Counter()  # earlier PATH -> files of this one it already gave
         for f in files:
-            if f.key not in seen:
-                seen.add(f.key)
-                found.append(f)
+            if f.key in seen:
+                continue
+            ident = _identity(f.full_path) if len(paths) > 1 else None
+            if ident is not None and first_path.setdefault(ident, i) != i:
+                repeated[first_path[ident]] += 1
+                continue
+            seen.add(f.key)
+            found.append(f)
+        if repeated:
+            n = sum(repeated.values())
+            earlier = ", ".join(as_text(os.fspath(paths[j])) for j in sorted(repeated))
+            problems.append(WalkProblem(*where, f"{n} file{'s' if n > 1 else ''} already found under {earlier} "
+                                                f"(overlapping PATHs): each is taken once", False))
     return found, problems
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of what a path names, following links; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _found(root: str, rel: str) -> FoundFile:
@@ -111,7 +144,8 @@ def _found(root: str, rel: str) -> FoundFile:
     return text if text.full_path == real else FoundFile(text.root, text.path, real)
 
 
-def _walk_dir(root: str, exts: tuple[str, ...]) -> tuple[list[FoundFile], list[WalkProblem]]:
+def _walk_dir(root: str, exts: tuple[str, ...],
+              skipped: Counter | None = None) -> tuple[list[FoundFile], list[WalkProblem]]:
     files: list[FoundFile] = []
     problems: list[WalkProblem] = []
     try:
@@ -134,6 +168,8 @@ def _walk_dir(root: str, exts: tuple[str, ...]) -> tuple[list[FoundFile], list[W
         subdirs = []
         for entry in entries:
             if entry.name.startswith("."):
+                if skipped is not None:
+                    skipped["hidden"] += 1
                 continue
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
@@ -157,6 +193,8 @@ def _walk_dir(root: str, exts: tuple[str, ...]) -> tuple[list[FoundFile], list[W
                 subdirs.append(child)
             elif os.path.splitext(entry.name)[1].lower() in exts:
                 files.append(_found(root, child))
+            elif skipped is not None:
+                skipped[os.path.splitext(as_text(entry.name))[1].lower() or "(none)"] += 1
         stack.extend(reversed(subdirs))
     files.sort(key=lambda f: f.path)
     return files, problems

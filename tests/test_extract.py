@@ -7,6 +7,7 @@ several formats; subprocess tests run the real `python -m maest_cli extract`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -28,7 +29,8 @@ from typer.testing import CliRunner
 from maest_cli.checkpoints import save_checkpoint, sha256_file
 from maest_cli.cli import app
 from maest_cli.decoders import DecoderPool
-from maest_cli.embedding_store import EmbeddingStore, SettingsMismatch, Shard, StoreBusy, read_metadata
+from maest_cli.embedding_store import (EmbeddingStore, SettingsMismatch, Shard, StoreBusy, read_errors,
+                                       read_metadata)
 from maest_cli.extract import extract, output_schema, parse_shard, shard_of
 from maest_cli.frontend import FRONTEND, file_mel, n_frames, normalize
 from maest_cli.model import MAEST, Patchout, tiny_config
@@ -239,8 +241,25 @@ def test_segment_rows_average_to_the_track_row(catalogue, tiny, tmp_path):
         assert seg.column("end_s").to_numpy()[rows][-1] == pytest.approx(dur, abs=0.02)
 
 
+def _model_track_rows(tiny, path, patchout=None) -> tuple[np.ndarray, np.ndarray]:
+    """What extract must give for one file, computed directly: the mean over its segments of
+    the model's embedding and of sigmoid(logits), the model run on the normalised frontend output."""
+    from maest_cli.checkpoints import build_model, load_checkpoint
+
+    model = build_model(load_checkpoint(tiny)).eval()
+    mel = normalize(torch.from_numpy(file_mel(path)))
+    embs, scores = [], []
+    with torch.inference_mode():
+        for s in segment_starts(len(mel), SEG, HOP):
+            out = model(mel[s:s + SEG][None], blocks=[BLOCK], logits=True, patchout=patchout)
+            embs.append(out.embedding(BLOCK)[0].double())
+            scores.append(torch.sigmoid(out.logits.float())[0].double())
+    return torch.stack(embs).mean(0).float().numpy(), torch.stack(scores).mean(0).float().numpy()
+
+
 def test_patchout_none_is_exact_for_short_exact_and_long_files(tiny, tmp_path):
-    """fp32 track embeddings == the model's forward on the normalised frontend output."""
+    """fp32 track embeddings == the model's forward on the normalised frontend output; the
+    same for preset fast == the forward with Patchout(2, (0, 8)) over the same segments."""
     from maest_cli.checkpoints import build_model, load_checkpoint
 
     d = tmp_path / "a"
@@ -262,10 +281,78 @@ def test_patchout_none_is_exact_for_short_exact_and_long_files(tiny, tmp_path):
                     for s in segment_starts(len(mel), SEG, HOP)]
         want = torch.stack(embs).mean(0).float().numpy()
         np.testing.assert_array_equal(got[name], want)
-    fast = table(run([d], tmp_path / "fast", tiny, preset="fast").out)
+    fast = table(run([d], tmp_path / "fast", tiny, preset="fast", dtype="fp32").out)
     assert not np.allclose(embeddings(fast), embeddings(t), atol=1e-3)  # the preset does change things
     meta = read_metadata(tmp_path / "fast")
     assert meta["preset"]["time_keep_every"] == 2 and meta["preset"]["drop_freq_rows"] == [0, 8]
+    for name, row in zip(fast.column("path").to_pylist(), embeddings(fast)):
+        np.testing.assert_array_equal(row, _model_track_rows(tiny, d / name, Patchout(2, (0, 8)))[0])
+
+
+def test_scores_are_the_mean_of_segment_sigmoids(catalogue, tiny, tmp_path):
+    files = [catalogue / "a.wav", catalogue / "b" / "c.flac"]  # one segment, several
+    track = table(run(files, tmp_path / "track", tiny, scores=True, dtype="fp32").out)
+    for name, emb, sc in zip(track.column("path").to_pylist(), embeddings(track), embeddings(track, "scores")):
+        want_emb, want_scores = _model_track_rows(tiny, catalogue / ("b" if name == "c.flac" else "") / name)
+        np.testing.assert_array_equal(emb, want_emb)
+        np.testing.assert_allclose(sc, want_scores, rtol=0, atol=1e-7)
+    seg = table(run(files, tmp_path / "seg", tiny, scores=True, dtype="fp32", pool="segment").out,
+                sort=("path", "segment"))
+    paths = np.array(seg.column("path").to_pylist())
+    for i, name in enumerate(track.column("path").to_pylist()):
+        rows = np.flatnonzero(paths == name)
+        assert len(rows) == track.column("n_segments")[i].as_py()
+        np.testing.assert_allclose(embeddings(seg, "scores")[rows].astype(np.float64).mean(0),
+                                   embeddings(track, "scores")[i], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_follows_the_cpu_and_emulated_bf16_is_warned(catalogue, tiny, tmp_path, monkeypatch, native):
+    import maest_cli.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    s = run([catalogue / "a.wav"], tmp_path / "auto", tiny)
+    assert s.dtype == read_metadata(s.out)["dtype"] == ("bf16" if native else "fp32") and s.n_done == 1
+    emulated = [w for w in s.warnings if "emulated" in w]
+    assert not emulated
+    if not native:
+        s = run([catalogue / "a.wav"], tmp_path / "bf16", tiny, dtype="bf16")
+        assert s.dtype == "bf16" and s.n_done == 1
+        assert [w for w in s.warnings if "no native bf16" in w and "emulated" in w]
+
+
+def test_threads_are_set_for_the_run_recorded_and_restored(catalogue, tiny, tmp_path):
+    before = torch.get_num_threads()
+    s = run([catalogue / "a.wav"], tmp_path / "o", tiny, threads=2)
+    assert s.threads == 2 and json.loads(s.to_json())["threads"] == 2 and s.workers == 0
+    assert read_metadata(s.out)["runtime"] == {"threads": 2, "decoder_workers": 0}
+    assert torch.get_num_threads() == before
+    assert run([catalogue / "a.wav"], tmp_path / "o", tiny).n_skipped == 1  # threads do not change settings
+
+
+@pytest.mark.parametrize("where", ["embedding", "scores"])
+def test_non_finite_model_output_fails_the_file_not_the_dataset(catalogue, tiny, tmp_path, monkeypatch, where):
+    """A second guard behind the frontend's: NaN/inf from the model (here injected into every
+    full-length segment) fails those files at stage "model"; no NaN row is written."""
+    import maest_cli.extract as ex
+
+    real = ex.ModelRunner.__call__
+
+    def poisoned(self, frames):
+        emb, scores = real(self, frames)
+        for k, f in enumerate(frames):
+            if len(f) == SEG:
+                (emb if where == "embedding" else scores)[k, 1] = np.nan if where == "embedding" else np.inf
+        return emb, scores
+
+    monkeypatch.setattr(ex.ModelRunner, "__call__", poisoned)
+    s = run([catalogue], tmp_path / "o", tiny, scores=True)
+    assert (s.n_done, s.n_failed) == (1, 4)  # a.wav (3 s) is shorter than a segment
+    t = table(s.out)
+    assert t.column("path").to_pylist() == ["a.wav"] and np.isfinite(embeddings(t, where)).all()
+    errors = read_errors(s.out)
+    assert set(errors.column("stage").to_pylist()) == {"model"}
+    assert all("not finite" in r for r in errors.column("reason").to_pylist())
 
 
 def test_expert_overrides_and_tokens(catalogue, tiny, tmp_path):
@@ -303,6 +390,7 @@ def _bad_catalogue(d: Path) -> dict[str, str]:
     nan = tone_mix(2.0, 16000, channels=1)
     nan[8000:8010] = np.nan
     sf.write(d / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(d / "huge.wav", tone_mix(2.0, 16000, channels=1) * np.float32(1e30), 16000, subtype="FLOAT")
     sf.write(d / "tiny.wav", tone_mix(0.1, 16000, channels=1), 16000)
     os.mkfifo(d / "fifo.wav")
     sock = socket.socket(socket.AF_UNIX)
@@ -312,7 +400,8 @@ def _bad_catalogue(d: Path) -> dict[str, str]:
     (d / "dir.mp3").mkdir()  # a directory with an audio name is walked, not decoded
     sf.write(d / "dir.mp3" / "inner.wav", tone_mix(1.0, 16000, channels=1), 16000)
     return {"corrupt.wav": "not a decodable", "empty.mp3": "empty", "truncated.mp3": "truncated",
-            "text.flac": "not a decodable", "nan.wav": "NaN", "tiny.wav": "too short", "fifo.wav": "FIFO",
+            "text.flac": "not a decodable", "nan.wav": "NaN", "huge.wav": "out of range", "tiny.wav": "too short",
+            "fifo.wav": "FIFO",
             "s.ogg": "socket", "dangling.mp3": "dangling symlink"}
 
 
@@ -321,23 +410,28 @@ def test_every_bad_input_is_recorded_and_the_run_goes_on(tiny, tmp_path, workers
     bad = _bad_catalogue(tmp_path / "in")
     s = run([tmp_path / "in"], tmp_path / "out", tiny, workers=workers)
     assert (s.n_files, s.n_done, s.n_failed) == (len(bad) + 3, 3, len(bad)) and s.exit_code == 1
-    assert table(s.out).column("path").to_pylist() == ["dir.mp3/inner.wav", "good1.mp3", "good2.wav"]
+    t = table(s.out)
+    assert t.column("path").to_pylist() == ["dir.mp3/inner.wav", "good1.mp3", "good2.wav"]
+    assert np.isfinite(embeddings(t)).all()
     import pandas as pd
 
-    errors = pd.read_csv(s.errors_file, sep="\t")
-    assert list(errors.columns) == ["path", "root", "stage", "reason"]
+    errors = pd.read_parquet(Path(s.out) / "_errors")  # the whole folder: every shard's file
+    assert list(errors.columns) == ["path", "root", "stage", "reason"] and s.errors_file.endswith(".parquet")
     by_path = {r.path: r for r in errors.itertuples()}
-    assert set(by_path) == set(bad)
+    assert set(by_path) == set(bad) and set(errors.root) == {str(tmp_path / "in")}
     for name, words in bad.items():
         assert words in by_path[name].reason, (name, by_path[name].reason)
-        assert by_path[name].stage in ("open", "decode", "segment")
+        assert by_path[name].stage in ("open", "decode", "mel", "segment")
     assert by_path["tiny.wav"].stage == "segment" and by_path["fifo.wav"].stage == "open"
+    assert by_path["huge.wav"].stage == "mel"  # finite samples whose mel overflows: never a NaN row
+    import polars as pl
+
+    assert pl.read_parquet(f"{s.out}/*.parquet").height == 3  # the errors do not join the embeddings
 
 
 def test_unreadable_file_and_directory_permissions(tiny, tmp_path):
-    """chmod 000 is only a failure for a non-root user; as root the walk's error path is
-    exercised with an injected PermissionError instead (the FIFO/socket/dangling-link cases
-    of the bad-input test are the files root cannot read)."""
+    """chmod 000 is only a failure for a non-root user; as root the same PermissionErrors are
+    injected where the walk lists a directory and where the decoder opens a file."""
     d = tmp_path / "in"
     (d / "locked").mkdir(parents=True)
     sf.write(d / "ok.wav", tone_mix(1.0, 16000, channels=1), 16000)
@@ -351,28 +445,34 @@ def test_unreadable_file_and_directory_permissions(tiny, tmp_path):
         finally:
             os.chmod(d / "noread.wav", 0o644)
             os.chmod(d / "locked", 0o755)
-        errors = Path(s.errors_file).read_text()
-        assert "noread.wav\t" in errors and "permission denied" in errors
-        assert "locked\t" in errors and "walk" in errors and s.n_failed == 2 and s.n_done == 1
-    else:
+    else:  # root reads everything: the PermissionErrors a user would meet are injected
+        import maest_cli.audio as audio
         import maest_cli.walk as walk
 
-        real = os.scandir
+        real_scandir, real_soundfile = os.scandir, audio.sf.SoundFile
 
         def scandir(path):
             if str(path).endswith("locked"):
                 raise PermissionError(13, "Permission denied", str(path))
-            return real(path)
+            return real_scandir(path)
+
+        def soundfile(path, *args, **kw):
+            if os.fsdecode(path).endswith("noread.wav"):
+                raise PermissionError(13, "Permission denied", os.fsdecode(path))
+            return real_soundfile(path, *args, **kw)
 
         mp = pytest.MonkeyPatch()
         mp.setattr(walk.os, "scandir", scandir)
+        mp.setattr(audio.sf, "SoundFile", soundfile)
         try:
             s = run([d], tmp_path / "out", tiny)
         finally:
             mp.undo()
-        errors = Path(s.errors_file).read_text()
-        assert "locked\t" in errors and "\twalk\tcannot read directory (Permission denied)" in errors
-        assert s.n_failed == 1 and s.n_done == 2 and s.exit_code == 1
+    errors = {r["path"]: r for r in read_errors(s.out).to_pylist()}
+    assert set(errors) == {"locked", "noread.wav"} and s.n_failed == 2 and s.n_done == 1 and s.exit_code == 1
+    assert (errors["noread.wav"]["stage"], errors["noread.wav"]["reason"]) == ("open", "permission denied")
+    assert errors["locked"]["stage"] == "walk"
+    assert errors["locked"]["reason"].lower() == "cannot read directory (permission denied)"
 
 
 def test_walk_order_filter_hidden_and_symlink_loops(tmp_path):
@@ -395,6 +495,37 @@ def test_walk_order_filter_hidden_and_symlink_loops(tmp_path):
         find_audio_files([d / "missing"])
 
 
+def test_overlapping_paths_give_each_file_once(catalogue, tiny, tmp_path):
+    """`extract lib lib/b`, or a link to the same folder: each file (device, inode) once, from
+    the first PATH, with one warning per later PATH; hard links inside one PATH stay."""
+    link = tmp_path / "alias"
+    os.symlink(catalogue, link)
+    files, problems = find_audio_files([catalogue, catalogue / "b", link, catalogue / "a.wav"])
+    assert [f.path for f in files] == EXPECTED and {f.root for f in files} == {str(catalogue)}
+    assert [(p.root, p.failed) for p in problems] == [(str(catalogue / "b"), False), (str(link), False)]
+    assert problems[0].reason == f"2 files already found under {catalogue} (overlapping PATHs): each is taken once"
+    assert problems[1].reason.startswith("5 files already found under")
+    hard = tmp_path / "hard"
+    hard.mkdir()
+    os.link(catalogue / "a.wav", hard / "one.wav")
+    os.link(catalogue / "a.wav", hard / "two.wav")
+    assert [f.path for f in find_audio_files([hard])[0]] == ["one.wav", "two.wav"]
+    s = run([catalogue, catalogue / "b"], tmp_path / "out", tiny)
+    assert (s.n_files, s.n_done) == (5, 5) and table(s.out).column("path").to_pylist() == EXPECTED
+    assert [w for w in s.warnings if "already found under" in w]
+
+
+def test_no_audio_files_is_a_warning_not_an_error(tiny, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "song.m4a").write_bytes(b"x")
+    (d / "notes.txt").write_text("x")
+    s = run([d], tmp_path / "out", tiny)
+    assert (s.n_files, s.exit_code) == (0, 0)
+    (w,) = [w for w in s.warnings if "no audio files" in w]
+    assert w.startswith(f"no audio files found under {d}") and "1 .m4a" in w and "--ext" in w
+
+
 def _latin1_catalogue(d: Path) -> None:
     d.mkdir()
     sf.write(d / "plain.wav", tone_mix(1.0, 16000, channels=1), 16000)
@@ -409,7 +540,55 @@ def test_names_that_are_not_utf8_are_recorded_escaped(tiny, tmp_path):
     assert os.path.exists(files[1].full_path)  # the real name is kept for opening
     s = run([tmp_path / "latin1"], tmp_path / "out", tiny)
     assert s.n_done + s.n_failed == 2
-    assert "bad\\xff.mp3\t" in Path(s.errors_file).read_text()
+    assert read_errors(s.out).column("path").to_pylist() == ["bad\\xff.mp3"]
+
+
+def test_the_errors_file_reads_back_names_with_quotes_tabs_and_newlines(tiny, tmp_path):
+    """Parquet, not TSV: every name comes back exactly; shards write their own file in
+    DIR/_errors/, read together; an unsharded rerun replaces them all."""
+    d = tmp_path / "in"
+    d.mkdir()
+    names = ['say "hi".wav', "tab\there.mp3", "new\nline.flac", "quote's, comma.ogg"]
+    for name in names:
+        (d / name).write_bytes(b"not audio at all" * 20)
+    sf.write(d / "fine.wav", tone_mix(1.0, 16000, channels=1), 16000)
+    s = run([d], tmp_path / "out", tiny)
+    errors = read_errors(s.out)
+    assert sorted(errors.column("path").to_pylist()) == sorted(names) and s.n_failed == 4
+    import pandas as pd
+
+    assert sorted(pd.read_parquet(s.errors_file)["path"]) == sorted(names)
+    out = tmp_path / "sharded"
+    shards = [run([d], out, tiny, shard=f"{i}/2") for i in range(2)]
+    assert sorted(p.name for p in (out / "_errors").iterdir()) == [f"errors-s{i}of2.parquet" for i in range(2)
+                                                                  if shards[i].n_failed]
+    assert sorted(read_errors(out).column("path").to_pylist()) == sorted(names)
+    again = run([d], out, tiny)
+    assert again.n_failed == 4 and [p.name for p in (out / "_errors").iterdir()] == ["errors.parquet"]
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(catalogue, tiny, tmp_path, monkeypatch):
+    """Disk full while writing a part: one line naming the file, exit 1, no .tmp left (no
+    second attempt at the end), the finished files stay staged and the rerun completes."""
+    import maest_cli.embedding_store as es
+
+    def disk_full(table, where, **kw):
+        where.write(b"PAR1 half a part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(es.pq, "write_table", disk_full)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["extract", str(catalogue), "--out", str(out), "--model", tiny, "--block", str(BLOCK),
+                            "--workers", "0", "--files-per-part", "2", "-q"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("maest: error:")]
+    assert line.startswith(f"maest: error: {out}/part-all-") and line.endswith(
+        ".parquet: cannot write (No space left on device)")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert len(list(out.glob(".staging-all/*.arrow"))) == 2 and not list(out.glob("part-*"))
+    monkeypatch.undo()
+    s = run([catalogue], out, tiny)
+    assert (s.n_skipped, s.n_done) == (2, 3) and table(out).column("path").to_pylist() == EXPECTED
 
 
 def test_names_that_are_not_utf8_are_embedded_and_resume(tiny, tmp_path):
@@ -573,8 +752,10 @@ def test_two_shard_processes_union_equals_a_single_run(tiny, tmp_path):
     env = env_for_subprocess(tmp_path)
     base = [sys.executable, "-m", "maest_cli", "extract", str(audio), "--out", str(out), "--model", tiny,
             "--block", str(BLOCK), "--quiet", "--json"]
-    procs = [subprocess.Popen([*base, "--shard", f"{i}/2", "--workers", str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen([*base, "--shard", "0/2", "--workers", "0"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True),  # and as torchrun launches a worker:
+             subprocess.Popen([*base, "--workers", "1"], env=env | {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
     summaries = [json.loads(r[0]) for r in results]
@@ -603,31 +784,148 @@ def test_shard_parsing_and_torchrun_environment(monkeypatch):
             parse_shard(bad)
 
 
-def test_a_decoder_crash_fails_that_file_only(tmp_path):
-    """SIGKILL the decoder in the middle of a file: that file is failed, the others are done."""
+def _collect(pool: DecoderPool, n_files: int, deadline: float, each=None) -> tuple[dict, dict, list]:
+    """Read a pool's messages to the end: last message per file, segments since its last
+    ("retry"), and the retries seen. `each()` runs before every read (to kill workers)."""
+    ends, segs, retries = {}, {}, []
+    while len(ends) < n_files and time.monotonic() < deadline:
+        if each:
+            each()
+        msg = pool.get()
+        if msg is None:
+            continue
+        kind, fid = msg[0], msg[1]
+        if kind == "seg":
+            segs[fid] = segs.get(fid, 0) + 1
+        elif kind == "retry":
+            segs[fid] = 0
+            retries.append(fid)
+        else:
+            ends[fid] = msg
+    return ends, segs, retries
+
+
+def _wait_for(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_decoder_crash_blames_the_file_being_decoded_not_one_still_in_its_outbox(tmp_path):
+    """The worker runs ahead: A is decoded whole (its segments and "done" wait in the worker's
+    outbox, the pipe being full) and B is under way when the worker dies. B is the culprit, A is
+    not failed: both are decoded again (A innocent, B alone, for a second chance) and come whole."""
+    seg, hop = 1876, 938  # 30 s segments: 0.7 MB messages, so A's ~6 MB cannot fit in the pipe
+    a, b = tmp_path / "A.wav", tmp_path / "B.wav"
+    sf.write(a, tone_mix(150.0, 16000, seed=1, channels=1), 16000)
+    sf.write(b, tone_mix(240.0, 16000, seed=2, channels=1), 16000)
+    n_a = len(segment_starts(n_frames(150 * 16000), seg, hop))
+    # room in the outbox for all of A and a little of B: the worker then blocks inside B
+    pool = DecoderPool([(0, str(a)), (1, str(b))], 1, seg, hop, ahead=n_a + 2)
+    try:
+        (worker,) = pool._workers.values()
+        _wait_for(lambda: worker.current.value == 1)  # the main process has read nothing yet
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        ends, segs, retries = _collect(pool, 2, time.monotonic() + 60)
+    finally:
+        pool.close()
+    assert ends[0][0] == ends[1][0] == "done", ends
+    assert sorted(retries) == [0, 1] and ends[0][2] == n_a
+    assert segs == {0: ends[0][2], 1: ends[1][2]}  # after its retry, each file came whole
+
+
+def test_a_file_that_kills_its_decoder_twice_fails_the_others_are_done(tmp_path):
     long = tmp_path / "long.wav"
     sf.write(long, tone_mix(60.0, 16000, channels=1), 16000)
     oks = [tmp_path / f"ok{i}.wav" for i in range(2)]
     for p in oks:
         sf.write(p, tone_mix(2.0, 16000, channels=1), 16000)
     pool = DecoderPool([(0, str(long)), (1, str(oks[0])), (2, str(oks[1]))], 1, SEG, HOP, ahead=1)
+    killed: list[int] = []
+
+    def kill_while_decoding_long() -> None:  # a stand-in for a decoder that crashes on this file
+        for w in list(pool._workers.values()):
+            if len(killed) < 2 and w.current.value == 0 and w.proc.pid not in killed:
+                os.kill(w.proc.pid, signal.SIGKILL)
+                killed.append(w.proc.pid)
+
     try:
-        first = None
-        deadline = time.monotonic() + 60
-        while first is None and time.monotonic() < deadline:
-            first = pool.get()
-        assert first[:3] == ("seg", 0, 0)  # the worker now blocks on the full pipe, mid-file
-        (worker,) = pool._workers.values()
-        os.kill(worker.proc.pid, signal.SIGKILL)
-        ends = {}
-        while len(ends) < 3 and time.monotonic() < deadline:
-            msg = pool.get()
-            if msg and msg[0] in ("done", "error"):
-                ends[msg[1]] = msg
+        ends, segs, retries = _collect(pool, 3, time.monotonic() + 60, kill_while_decoding_long)
     finally:
         pool.close()
-    assert ends[0][0] == "error" and "decoder process died (killed by SIGKILL)" in ends[0][3]
-    assert ends[1][0] == ends[2][0] == "done"
+    assert len(killed) == 2 and retries[0] == 0
+    assert ends[0][0] == "error" and "decoder process died (killed by SIGKILL) while decoding this file, 2 times" \
+        in ends[0][3]
+    assert ends[1][0] == ends[2][0] == "done" and segs[1] == ends[1][2] and segs[2] == ends[2][2]
+
+
+def _die_at_once(*args) -> None:
+    """A decoder process that dies before decoding anything (a broken install, no memory)."""
+    os._exit(3)
+
+
+def test_decoders_that_keep_dying_stop_the_run_with_one_line(catalogue, tiny, tmp_path, monkeypatch):
+    """DecodersDied (an OSError) from the pool: exit code 1 and one line, not a traceback or a spin."""
+    import functools
+
+    import maest_cli.extract as ex
+
+    monkeypatch.setattr(ex, "DecoderPool", functools.partial(DecoderPool, worker_main=_die_at_once))
+    r = runner.invoke(app, ["extract", str(catalogue), "--out", str(tmp_path / "o"), "--model", tiny, "--block", "2",
+                            "--workers", "1", "-q"])
+    assert r.exit_code == 1 and "maest: error: decoder processes keep dying (exit code 3" in r.output
+    assert "Traceback" not in r.output
+
+
+class _Scripted:
+    """A decoder source (as InlineDecoder) that sends `prefix` before the real messages."""
+
+    def __init__(self, prefix, inner):
+        self.messages = iter([*prefix, *iter(lambda: inner.get(), None)])
+        self.inner, self.peak_rss_mb, self.exhausted = inner, 0.0, False
+
+    def get(self, block=True):
+        msg = next(self.messages, None)
+        self.exhausted = msg is None
+        return msg
+
+    def close(self, abort=False):
+        self.inner.close(abort)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_retried_file_forgets_the_segments_it_had_sent(catalogue, tiny, tmp_path, monkeypatch, batch_size):
+    """Garbage segments, then ("retry"), then the real stream: the rows equal a clean run's
+    (whether the garbage was already through the model or still waiting in a batch)."""
+    import maest_cli.extract as ex
+    from maest_cli.decoders import InlineDecoder
+
+    ref = table(run([catalogue / "b" / "c.flac"], tmp_path / "ref", tiny, scores=True).out)
+    junk = np.full((SEG, 96), 7.0, np.float32)
+    prefix = [("seg", 0, 0, 0, junk), ("seg", 0, 1, HOP, junk), ("retry", 0)]
+    monkeypatch.setattr(ex, "InlineDecoder", lambda *a: _Scripted(prefix, InlineDecoder(*a)))
+    got = table(run([catalogue / "b" / "c.flac"], tmp_path / "got", tiny, scores=True, batch_size=batch_size).out)
+    assert got.column("n_segments").to_pylist() == ref.column("n_segments").to_pylist()
+    np.testing.assert_allclose(embeddings(got), embeddings(ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embeddings(got, "scores"), embeddings(ref, "scores"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_source_that_ends_early_is_an_error_not_a_spin(catalogue, tiny, tmp_path, monkeypatch):
+    import maest_cli.extract as ex
+
+    class Empty:
+        exhausted, peak_rss_mb = True, 0.0
+
+        def get(self, block=True):
+            return None
+
+        def close(self, abort=False):
+            pass
+
+    monkeypatch.setattr(ex, "InlineDecoder", lambda *a: Empty())
+    with pytest.raises(RuntimeError, match="5 files unaccounted for"):
+        run([catalogue], tmp_path / "o", tiny)
 
 
 def test_a_stuck_decoder_is_killed_and_only_its_file_fails(tmp_path):
@@ -669,13 +967,17 @@ def test_cli_exit_codes_and_json(catalogue, tiny, tmp_path):
     (bad / "x.wav").write_bytes(b"RIFF nonsense")
     r = runner.invoke(app, ["extract", str(bad), str(catalogue / "a.wav"), "--out", str(tmp_path / "b"),
                             "--model", tiny, "--block", "2", "--workers", "0"])
-    assert r.exit_code == 1 and "x.wav" in r.output and "_errors.tsv" in r.output
+    assert r.exit_code == 1 and "x.wav" in r.output and "_errors/errors.parquet" in r.output
 
 
 @pytest.mark.parametrize("args, words", [
     (["--shard", "2/2"], "--shard"),
     (["--hop", "soon"], "--hop"),
     (["--hop", "60"], "--hop"),
+    (["--hop", "nan"], "--hop"),
+    (["--hop", "inf"], "--hop"),
+    (["--hop", "1e400"], "--hop"),
+    (["--threads", "0"], "--threads"),
     (["--patchout", "warp"], "unknown patchout preset"),
     (["--tokens", "cls,cls"], "--tokens"),
     (["--pool", "album"], "--pool"),
@@ -718,11 +1020,23 @@ def test_synthesizer_is_deterministic_and_fidelity_runs(tiny, tmp_path):
     np.testing.assert_array_equal(x, render(random_song(3, 4.0, 5.0), 16000))
     paths = write_corpus(tmp_path / "corpus", 2, min_s=4.0, max_s=6.0)
     assert [p.suffix for p in paths] == [".mp3", ".ogg"]
-    report = evaluate_presets(tmp_path / "corpus", tiny, ["none", "fastest"], block=BLOCK, workers=0,
-                              work_dir=tmp_path / "work", timing=False, progress=False)
-    none, fastest = report["results"]
+    report = evaluate_presets(tmp_path / "corpus", tiny, ["fastest"], block=BLOCK, workers=0,
+                              work_dir=tmp_path / "work", timing=False, progress=False, threads=[1])
+    none, fastest = report["results"]  # the reference `none` is always added, first
     assert none["cosine_min"] == pytest.approx(1.0) and -1 <= fastest["cosine_mean"] < 1.0
-    assert none["n_files"] == fastest["n_files"] == 2
+    assert none["n_files"] == fastest["n_files"] == 2 and none["threads"] == fastest["threads"] == 1
+    assert read_metadata(tmp_path / "work" / "none-t1")["dtype"] == "fp32"
+
+
+def test_preset_eval_reference_is_always_fp32(monkeypatch):
+    import maest_cli.runtime as rt
+    from maest_cli.preset_eval import preset_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)
+    assert preset_dtype("none", "auto", "auto", cpu) == preset_dtype("none", "bf16", "bf16", cpu) == "fp32"
+    assert preset_dtype("fast", "auto", "auto", cpu) == "bf16"  # its own dtype, resolved
+    assert preset_dtype("fast", "bf16", "fp32", cpu) == "fp32"  # an explicit dtype wins
 
 
 # ---------------------------------------------------------------- slow: a real 60-minute file
