@@ -91,6 +91,8 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
             sha = m.get("sha256") or None
             size = m.get("size") or None
             sources = []
+            if m.get("bundled_file"):  # shipped inside the package: no download, works offline
+                sources.append(Source("bundled", (RemoteFile("", m["bundled_file"], sha, size),)))
             if m.get("github_file"):
                 sources.append(Source("official", (RemoteFile(gh + m["github_file"], m["github_file"], sha, size),)))
             if m.get("hf_repo"):
@@ -101,7 +103,7 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
                      RemoteFile(base + "config.json", "config.json", optional=True)),
                     (RemoteFile(base + "pytorch_model.bin", "pytorch_model.bin"),),
                 ))
-            models[name] = ModelEntry(name=name, variant=m["variant"], labels=m["labels"],
+            models[name] = ModelEntry(name=name, variant=m["variant"], labels=m.get("labels", ""),
                                       description=m.get("description", ""),
                                       aliases=tuple(m.get("aliases", ())), sources=tuple(sources))
         reg = Registry(default=data["default"], models=models)
@@ -123,10 +125,20 @@ def offline() -> bool:
     return os.environ.get("MAEST_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def bundled_dir() -> Path:
+    """Weights that ship inside the package (maest_cli/weights/)."""
+    return Path(__file__).parent / "weights"
+
+
 def cached_weights(entry: ModelEntry, cache: Path | None = None) -> Path | None:
-    """The weights file of a model already in the cache, if any."""
+    """The weights file of a model that is bundled or already in the cache, if any."""
     d = (cache or cache_dir()) / entry.name
     for src in entry.sources:
+        if src.kind == "bundled":
+            p = bundled_dir() / src.files[0].filename
+            if p.is_file():
+                return p
+            continue
         for f in (src.files[0], *src.alternatives):
             if (d / f.filename).is_file():
                 return d / f.filename
@@ -213,10 +225,16 @@ def fetch_model(entry: ModelEntry, cache: Path | None = None, progress: bool = T
     hit = cached_weights(entry, cache)
     if hit:
         return hit
+    if entry.sources and all(src.kind == "bundled" for src in entry.sources):
+        raise ModelNotFound(f"the bundled weights of model {entry.name!r} are missing from this installation "
+                            f"({bundled_dir() / entry.sources[0].files[0].filename}); reinstall maest-cli")
     if offline():
         raise ModelNotFound(_missing_message(entry, d, "MAEST_OFFLINE is set"))
     errors = []
     for src in entry.sources:
+        if src.kind == "bundled":  # missing from this installation: nothing to download
+            errors.append(f"{bundled_dir() / src.files[0].filename} is missing from this installation")
+            continue
         try:
             weights = _fetch_source(src, d, progress)
             _write_provenance(d, entry, src, weights)
@@ -299,7 +317,7 @@ def resolve_weights(name_or_path: str | os.PathLike | None, registry: Registry |
         return hit, entry
     if not download:
         raise ModelNotFound(_missing_message(entry, (cache or cache_dir()) / entry.name, "not downloaded"))
-    if not offline():
+    if not offline() and any(src.kind != "bundled" for src in entry.sources):
         print(f"maest: downloading {entry.name} to {(cache or cache_dir()) / entry.name}", file=sys.stderr)
     return fetch_model(entry, cache, progress), entry
 
@@ -311,7 +329,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
     from .checkpoints import build_model, load_checkpoint
 
     path, entry = resolve_weights(name_or_path, registry, cache, download, progress)
-    labels = read_labels(entry.labels) if entry else None
+    labels = read_labels(entry.labels) if entry and entry.labels else None  # else: the file's own
     ckpt = load_checkpoint(path, labels=labels)
     if ckpt.labels is None and ckpt.source_format == "official":
         # A bare official file: its output count tells which Discogs list it was trained on.

@@ -194,3 +194,22 @@ def test_official_registry_is_complete():
                        "discogs-maest-30s-pw-129e-swa.ckpt")
     assert urls[1] == "https://huggingface.co/mtg-upf/discogs-maest-30s-pw-129e/resolve/main/model.safetensors"
     assert reg.get("maest-30s-519l").labels == "discogs519"
+
+
+def test_bundled_model_loads_offline_from_the_package(tmp_path, tiny_model_file, monkeypatch):
+    import shutil
+
+    import maest_cli.registry as registry
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(tiny_model_file, weights / "mini.safetensors")
+    monkeypatch.setattr(registry, "bundled_dir", lambda: weights)
+    (tmp_path / "models.toml").write_text(
+        'default = "mini"\n[models.mini]\nvariant = "5s"\nbundled_file = "mini.safetensors"\n')
+    reg = load_registry(tmp_path / "models.toml")
+    lm = load_model("mini", registry=reg, cache=tmp_path / "cache", progress=False)
+    assert lm.name == "mini" and lm.labels[0] == "tag0"  # labels from the file itself
+    (weights / "mini.safetensors").unlink()
+    with pytest.raises(ModelNotFound, match="missing from this installation"):
+        load_model("mini", registry=reg, cache=tmp_path / "cache", progress=False)
