@@ -408,32 +408,125 @@ def probe_cmd(
 
 # ------------------------------------------------------------------ corpus
 # (corpus command goes here)
+corpus_app = typer.Typer(help="The demo corpus: tagged music rendered offline from the music21 scores.",
+                         no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("build")
+def corpus_build(
+    out: Path = typer.Argument(..., help="Folder of the corpus (new, or an unfinished build to resume)."),
+    clips: Optional[int] = typer.Option(None, help="Clips in total, pre-training + downstream (default: "
+                                                    "configs/corpus.toml, 3600)."),
+    seed: int = typer.Option(0, help="Decides pieces, splits, instruments, tempi, excerpts: same seed, same corpus."),
+    workers: int = typer.Option(1, help="Processes reading scores and rendering clips."),
+    sample_rate: Optional[int] = typer.Option(None, help="Hz of the FLAC files (default 22050)."),
+    collections: Optional[str] = typer.Option(None, help="Comma-separated collection ids (default: all of the "
+                                                          "config)."),
+    config: Optional[Path] = typer.Option(None, help="A corpus TOML instead of configs/corpus.toml."),
+    soundfont: Optional[Path] = typer.Option(None, help="SoundFont file (default: FluidR3_GM of the Debian package "
+                                                         "fluid-soundfont-gm)."),
+) -> None:
+    """Render the scores of music21 to labelled 30 s clips (FluidSynth): resumable, deterministic."""
+    with errors_to_exit_codes():
+        from .corpus import build_corpus
+
+        summary = build_corpus(out, clips=clips, seed=seed, workers=workers, sample_rate=sample_rate,
+                               collections=collections.split(",") if collections else None, config=config,
+                               soundfont=soundfont)
+        print(json.dumps(summary, indent=2))
+        if summary.get("failed"):
+            raise typer.Exit(1)
+
+
+@corpus_app.command("info")
+def corpus_info_command(
+    out: Path = typer.Argument(..., help="Folder of a finished corpus."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest."),
+) -> None:
+    """What a corpus holds: clips per split and collection, tags, versions, licences."""
+    with errors_to_exit_codes():
+        from .corpus import corpus_info
+
+        m = corpus_info(out)
+        if as_json:
+            print(json.dumps(m, indent=2))
+            return
+        from rich.table import Table
+
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        s = m["summary"]
+        console.print(f"{out}: {s['clips']} clips ({s['hours']} h, {s['audio_bytes'] / 1e6:.0f} MB of "
+                      f"{m['audio']['format']} at {m['audio']['sample_rate']} Hz), {s['pieces']} pieces, seed {m['seed']}"
+                      + (f", {s['failed']} failed" if s["failed"] else ""), markup=False, highlight=False)
+        t = Table(title="clips per collection and split (pre-training | downstream)")
+        t.add_column("collection")
+        for pool in ("pretrain", "downstream"):
+            for split in ("train", "validation", "test"):
+                t.add_column(f"{pool[:4]} {split[:5]}", justify="right")
+        t.add_column("licence")
+        for c in m["collections"]:
+            t.add_row(c["id"], *[str(c["clips"][p][sp]) for p in ("pretrain", "downstream")
+                                 for sp in ("train", "validation", "test")], c["licence"][:60])
+        console.print(t)
+        for name, tags in m["tags"].items():
+            t = Table(title=f"{name}: clips per tag ({m['files'].get('task:' + name, m['files'].get(name, {})).get('path', '')})")
+            for col in ("tag", "train", "validation", "test"):
+                t.add_column(col, justify="left" if col == "tag" else "right")
+            for tag, n in tags.items():
+                t.add_row(tag, str(n["train"]), str(n["validation"]), str(n["test"]))
+            console.print(t)
+        console.print(f"versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if 'sha' not in k)}",
+                      markup=False, highlight=False)
 
 # ------------------------------------------------------------------ bench
 
 @app.command()
 def bench(
-    model_only: bool = typer.Option(False, "--model-only", help="Time the transformer alone on random input."),
-    model: Optional[str] = typer.Option(None, help="Model name or path; default: random weights of --variant."),
+    presets: str = typer.Option("all", help="Comma-separated presets of configs/presets.toml, or all."),
+    baseline: str = typer.Option("effnet-b0", help="effnet-b0 (EfficientNet-B0, Discogs-EffNet input) or none."),
+    model: Optional[str] = typer.Option(None, help="Model name or path; default: random weights of --variant "
+                                        "(the same time as real ones; fidelity then means little)."),
     variant: str = typer.Option("30s", help="Segment length of the random-weight model: 5s, 10s, 20s, 30s."),
     block: int = typer.Option(7, help="Stop after this block (0: all blocks and the classifier head)."),
-    presets: str = typer.Option("none,fast,faster,fastest", help="Comma-separated patchout presets."),
-    dtype: str = typer.Option("auto", help="auto, fp32, bf16 (auto: bf16 only where the CPU runs it natively)."),
-    repeats: int = typer.Option(5, help="Timed repeats per point (median and spread are reported)."),
-    out: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (each preset's own: bf16 only where native, else fp32), fp32, "
+                                           "bf16 or int8 for every preset."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's, all cores)."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Also end to end from the audio files in DIR, and "
+                                         "fidelity (cosine to preset none) of each preset."),
+    workers: int = typer.Option(1, help="With --audio: decoder processes."),
+    hop: str = typer.Option("half", help="With --audio: segment hop of extract (half, full or seconds)."),
+    repeats: int = typer.Option(5, help="Timed rounds; every contender runs once per round (median, min, max)."),
+    warmup: int = typer.Option(1, help="Untimed calls of each contender first."),
+    probe: list[str] = typer.Option(None, "--probe", help="A `maest probe` results.json ([NAME=]FILE; NAME: a "
+                                    "preset or effnet-b0, default the file's preset): mAP in the table and plot."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of throughput vs fidelity (and vs probe "
+                                        "mAP), like the paper's Figure 3 (needs --audio or --probe)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
+    model_only: bool = typer.Option(False, "--model-only", help="Model-only timing even when --audio is given."),
+    compile_baseline: bool = typer.Option(False, "--compile", help="torch.compile the baseline (about 1.7x faster "
+                                          "on CPU; MAEST is GEMM-bound and gains nothing, so it stays eager)."),
 ) -> None:
-    """Audio-minutes per second of each preset (model only: `--model-only`)."""
+    """Audio-minutes per second of each preset against EfficientNet-B0, FLOPs and efficiency."""
     with errors_to_exit_codes():
-        if not model_only:
-            from .runtime import UsageError
+        from .bench import print_report, run_bench
 
-            raise UsageError("only `maest bench --model-only` exists so far")
-        from .bench import run_model_bench
-
-        result = run_model_bench(model=model, variant=variant, block=block or None,
-                                 presets=[p for p in presets.split(",") if p], dtype=dtype, repeats=repeats)
+        console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+        report = run_bench(model=model, variant=variant, block=block or None, presets=presets, baseline=baseline,
+                           device=device, dtype=dtype, threads=threads, audio=None if model_only else audio,
+                           workers=workers, hop=hop, repeats=repeats, warmup=warmup, probe_results=probe,
+                           plot=plot, compile_baseline=compile_baseline, console=console)
+        print_report(report, console)
         if out:
-            out.write_text(json.dumps(result, indent=2))
+            from .artefacts import write_json
+
+            write_json(out, report)
+        if plot:
+            console.print(f"maest: plot written to {plot}", markup=False, soft_wrap=True)
+        if as_json:
+            print(json.dumps(report, indent=2))
 
 
 def main() -> None:

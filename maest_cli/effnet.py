@@ -8,6 +8,7 @@ hop 62 frames, and takes the 1280-d penultimate layer as the embedding, 400 sigm
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -99,10 +100,69 @@ class EfficientNetB0(nn.Module):
                 nn.init.uniform_(m.weight, -r, r)
                 nn.init.zeros_(m.bias)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> the 1280-d embeddings (penultimate layer) alone: the classifier is skipped."""
+        return self.features(x).mean((2, 3))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, H, W] -> (embedding [B, 1280], logits [B, n_classes])."""
-        emb = self.features(x).mean((2, 3))
+        emb = self.embed(x)
         return emb, self.classifier(self.dropout(emb))
+
+
+def calibrate_batchnorm(model: EfficientNetB0, x: torch.Tensor) -> EfficientNetB0:
+    """Set every BatchNorm's running statistics from one batch, in place: a random-weight model
+    then keeps activations near unit scale, as a trained one does (with the default statistics
+    they shrink by ~1e-14 over the network, far from how real weights behave)."""
+    was_training = model.training
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, that batch's statistics
+    model.train()
+    with torch.no_grad():
+        model.embed(x)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.01
+    return model.train(was_training)
+
+
+def fold_batchnorm(model: EfficientNetB0) -> EfficientNetB0:
+    """An inference copy with every BatchNorm folded into the convolution before it (eval-mode
+    statistics): one pass over the activations fewer per convolution, the same outputs up to
+    float rounding. What an inference compiler does for the CNN, so the baseline gets it too."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for seq in folded.modules():
+        if isinstance(seq, nn.Sequential) and len(seq) >= 2 and isinstance(seq[0], nn.Conv2d) \
+                and isinstance(seq[1], nn.BatchNorm2d):
+            seq[0] = fuse_conv_bn_eval(seq[0], seq[1])
+            seq[1] = nn.Identity()
+    return folded
+
+
+def for_inference(model: EfficientNetB0, fold_bn: bool = True, channels_last: bool = True) -> EfficientNetB0:
+    """The baseline at its fastest on CPU: BatchNorm folded, weights in channels_last (NHWC)
+    layout, which oneDNN's convolutions prefer (feed it `to_channels_last(patches)`)."""
+    model = fold_batchnorm(model) if fold_bn else model.eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def n_patches(frames: int) -> int:
+    """Patches of a `frames`-long mel: a 30 s segment (1876 frames) gives 29."""
+    return max(frames - PATCH_FRAMES, 0) // PATCH_HOP + 1
+
+
+def patch_grid_hop(segment_frames: int) -> int:
+    """A segment hop (in frames) that keeps consecutive segments' patches on one hop-62 grid, so
+    cutting a track into segments gives the patches Discogs-EffNet takes from the whole track."""
+    return n_patches(segment_frames) * PATCH_HOP
 
 
 def mel_patches(mel: torch.Tensor) -> torch.Tensor:

@@ -296,7 +296,7 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
     """
     from .presets import get_preset
     from .registry import load_model
-    from .runtime import cpu_has_native_bf16, resolve_dtype
+    from .runtime import cpu_has_native_bf16, for_inference, resolve_dtype
 
     t_start = time.perf_counter()
     # -- options that need nothing loaded: fail fast, before the model and before DIR exists
@@ -337,6 +337,7 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
     lm = load_model(model, device=str(dev), registry=registry, progress=progress)
     cfg = lm.config
     lm.model.eval()
+    net = for_inference(lm.model, dt)  # int8: a quantised copy; else the model itself
     if not 0 <= int(block) <= cfg.depth:
         raise UsageError(f"--block {block}: this model has blocks 0..{cfg.depth}")
     block = int(block)
@@ -408,7 +409,7 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
                 source = InlineDecoder(tasks, seg_frames, hop)
             else:
                 source = DecoderPool(tasks, int(workers), seg_frames, hop)
-            runner = ModelRunner(lm.model, dev, dt, block, tokens, patchout, bool(scores), lm.input_norm)
+            runner = ModelRunner(net, dev, dt, block, tokens, patchout, bool(scores), lm.input_norm)
             _run(todo, source, runner, store, schema, pool, int(batch_size), display, summary)
             summary.model_seconds = runner.seconds
             source.close()

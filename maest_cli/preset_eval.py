@@ -98,9 +98,10 @@ def preset_dtype(name: str, preset_dtype: str, dtype: str, device) -> str:
 def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAULT_PRESETS, dtype: str = "auto",
                      block: int = 7, workers: int = 1, batch_size: int = 1, work_dir: str | Path | None = None,
                      timing: bool = True, repeats: int = 1, progress: bool = True,
-                     threads: list[int | None] | None = None) -> dict:
+                     threads: list[int | None] | None = None, hop: str = "half") -> dict:
     """Throughput (model-only and end-to-end) and fidelity to `none` of each preset, for each
-    model thread count in `threads` (None: torch's default, all cores).
+    model thread count in `threads` (None: torch's default, all cores). `hop`: the segment hop of
+    extract (half: every second of audio is analysed twice, as in the paper).
 
     `timing=False` skips the model-only runs (fidelity alone). The `none` preset always runs
     first, in fp32: it is the reference for fidelity.
@@ -110,7 +111,7 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
     from .extract import ModelRunner, extract
     from .presets import get_preset
     from .registry import load_model
-    from .runtime import resolve_device, set_threads, torch_threads
+    from .runtime import for_inference, resolve_device, set_threads, torch_threads
     from .segments import hop_frames
     from .walk import find_audio_files
 
@@ -124,8 +125,7 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
     device = resolve_device("cpu")
     lm = load_model(model, device="cpu", progress=progress)
     cfg = lm.config
-    hop = hop_frames("half", cfg.frames)
-    segments, audio_s = corpus_segments(paths, cfg.frames, hop) if timing else ([], 0.0)
+    segments, audio_s = corpus_segments(paths, cfg.frames, hop_frames(hop, cfg.frames)) if timing else ([], 0.0)
     variants = list(dict.fromkeys(threads or [None]))
     cores = os.cpu_count() or 1
     default_threads = torch_threads()
@@ -143,15 +143,15 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
                 row: dict = {"preset": name, "dtype": dt, "threads": n_threads or default_threads,
                              "time_keep_every": preset.time_keep_every, "drop_freq_rows": list(preset.drop_freq_rows)}
                 if timing:
-                    runner = ModelRunner(lm.model, device, dt, block, ("cls", "dist", "avg"), preset.patchout,
-                                         False, lm.input_norm)
+                    runner = ModelRunner(for_inference(lm.model, dt), device, dt, block, ("cls", "dist", "avg"),
+                                         preset.patchout, False, lm.input_norm)
                     secs = model_only_seconds(runner, segments, batch_size, repeats)
                     row["model_only_audio_min_per_s"] = audio_s / 60 / secs
                     best_model_only = max(best_model_only or 0.0, row["model_only_audio_min_per_s"])
                 console.print(f"preset {name} ({dt}, {row['threads']} threads): extracting {len(paths)} files "
                               "end to end ...")
                 s = extract(paths, work / tag, model=model, preset=name, dtype=dt, block=block, workers=workers,
-                            batch_size=batch_size, threads=n_threads or default_threads, device="cpu",
+                            batch_size=batch_size, threads=n_threads or default_threads, device="cpu", hop=hop,
                             overwrite=True, progress=False)
                 row.update(n_files=s.n_done, n_failed=s.n_failed, audio_minutes=s.audio_seconds / 60,
                            e2e_audio_min_per_s=s.audio_seconds / 60 / s.pipeline_seconds if s.pipeline_seconds
@@ -172,7 +172,7 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
 
     from .bench import machine_info
 
-    report = {"machine": machine_info(), "model": lm.name, "model_sha256": lm.sha256, "block": block,
+    report = {"machine": machine_info(), "model": lm.name, "model_sha256": lm.sha256, "block": block, "hop": hop,
               "workers": workers, "batch_size": batch_size, "cores": cores, "thread_variants": variants,
               "environment": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
               "corpus": str(corpus), "n_files": len(paths),
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=7)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--hop", default="half", help="Segment hop of extract: half, full or seconds.")
     ap.add_argument("--threads", default="default",
                     help="Model thread counts to compare, e.g. 2,1 ('default': torch's, all cores).")
     ap.add_argument("--repeats", type=int, default=1, help="Model-only timing repeats (median).")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         write_corpus(a.corpus, a.songs, min_s=a.min_s, max_s=a.max_s)
     report = evaluate_presets(a.corpus, model, [p for p in a.presets.split(",") if p], a.dtype, a.block,
                               a.workers, a.batch_size, a.work_dir, timing=not a.no_timing, repeats=a.repeats,
-                              threads=threads)
+                              threads=threads, hop=a.hop)
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2))
     return 0

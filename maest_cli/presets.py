@@ -1,4 +1,4 @@
-"""Speed/quality presets for extraction, built on inference patchout (configs/presets.toml)."""
+"""Speed/quality presets for extraction: inference patchout and precision (configs/presets.toml)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 
 from .config import ConfigError, read_toml
 from .model import Patchout
+
+
+# "int8": dynamic int8 quantisation of the Linear layers (CPU only; runtime.quantize_linear_int8).
+PRESET_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -21,8 +25,8 @@ class PatchoutPreset:
             raise ConfigError(f"preset {self.name!r}: time_keep_every must be >= 1")
         if len(set(self.drop_freq_rows)) != len(self.drop_freq_rows):
             raise ConfigError(f"preset {self.name!r}: drop_freq_rows has duplicates")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"preset {self.name!r}: dtype must be auto, fp32, bf16 or fp16")
+        if self.dtype not in PRESET_DTYPES:
+            raise ConfigError(f"preset {self.name!r}: dtype must be one of {', '.join(PRESET_DTYPES)}")
 
     @property
     def patchout(self) -> Patchout:
