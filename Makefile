@@ -1,16 +1,22 @@
-# maest-cli: `make test` and `make demo` work on a fresh machine (they run `setup` first).
-PYTHON ?= python3
-VENV   ?= .venv
-# CPU build of torch, found on local disk here. CUDA users: make setup TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+# maest-cli. On a fresh machine: `make demo` (the main job on the bundled model) and
+# `make test` (the test suite); both set up .venv first.
+PYTHON  ?= python3
+VENV    ?= .venv
+# CPU build of torch (on local disk here). CUDA users, e.g.:
+#   make setup TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH_SPEC ?= torch==2.13.0
+CORPUS  ?= corpus
+WORKERS ?= 2
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
+MAEST := $(VENV)/bin/maest
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test test-slow bench clean
+.PHONY: setup demo test test-slow corpus corpus-deps bench bench-audio bench-train findings maest-tiny clean
 
 setup: $(VENV)/.installed
 
-# libsndfile (decoding) comes inside the soundfile wheel, so no Debian package is needed.
+# Decoding needs libsndfile, which comes inside the soundfile wheel: no Debian package for that.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -18,14 +24,47 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
-test: setup
+# The main job: embeddings (and style/instrument activations) of a few bundled music clips with
+# the bundled model maest-tiny. Nothing is downloaded.
+demo: setup
+	$(MAEST) extract examples/music --model maest-tiny --scores --out demo-embeddings --overwrite --json
+	$(PY) examples/show_embeddings.py demo-embeddings
+
+# One test renders a real clip with FluidSynth, so the tests need the corpus tools too.
+test: setup corpus-deps
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup corpus-deps
 	$(PY) -m pytest -q -m slow
 
+# The demo corpus is rendered by FluidSynth with the FluidR3 General MIDI soundfont: Debian
+# packages, not on PyPI. --no-install-recommends skips qsynth (a Qt GUI we do not need).
+corpus-deps:
+	@if command -v fluidsynth >/dev/null 2>&1 && [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then :; else \
+	  echo "Installing the Debian packages fluidsynth and fluid-soundfont-gm: 'maest corpus' renders scores with FluidSynth and the FluidR3 GM soundfont"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fluidsynth fluid-soundfont-gm; fi
+
+corpus: setup corpus-deps
+	nice -n 10 $(MAEST) corpus build $(CORPUS) --workers $(WORKERS)
+	$(MAEST) corpus info $(CORPUS)
+
+# How the bundled model was made (about an hour on 2 CPU cores): prepare the pre-training mels
+# of the corpus, train, and copy the SWA weights (fp16) into the package.
+maest-tiny: corpus
+	$(MAEST) prepare-mels $(CORPUS)/pretrain --out mels-pretrain --labels $(CORPUS)/pretrain/labels.tsv --crop full --workers $(WORKERS)
+	$(MAEST) train --data mels-pretrain --out runs/maest-tiny --config maest-tiny
+	$(PY) -m maest_cli.bundle runs/maest-tiny maest_cli/weights/maest-tiny
+
+# Speed: every preset against EfficientNet-B0, same process, same threads (README "Speed").
 bench: setup
-	$(VENV)/bin/maest bench --model-only
+	$(MAEST) bench --presets all --compile --repeats 7 --out bench.json
+
+bench-audio: setup
+	$(PY) -c "from maest_cli.synth import write_corpus; write_corpus('bench-corpus', 16, min_s=30, max_s=180)"
+	$(MAEST) bench --presets all --compile --repeats 7 --audio bench-corpus --plot bench.png --out bench-audio.json
+
+bench-train: setup
+	$(PY) -m maest_cli.train_bench --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo-embeddings

@@ -269,15 +269,19 @@ def hf_config_dict(cfg: MaestConfig, labels: list[str] | None = None) -> dict:
 # ---------------------------------------------------------------- our format
 
 def save_checkpoint(path: str | os.PathLike, model: MAEST, labels: list[str] | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write model weights + config + labels as one safetensors file, atomically."""
+                    extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write model weights + config + labels as one safetensors file, atomically.
+
+    `dtype` (e.g. torch.float16) stores the floating-point tensors smaller; loading casts
+    them back to the model's float32 parameters."""
     from safetensors.torch import save_file
 
     p = Path(path)
     meta = {"format": FORMAT, "config": json.dumps(model.cfg.to_dict()),
             "labels": json.dumps(list(labels) if labels else None)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     save_file(state, str(tmp), metadata=meta)

@@ -187,7 +187,8 @@ def test_unknown_name_and_local_paths(tmp_path, tiny_model_file):
 def test_official_registry_is_complete():
     reg = load_registry()
     assert reg.default == "discogs-maest-30s-pw-129e"
-    assert len(reg.models) == 8
+    official = [m for m in reg.models.values() if m.sources and m.sources[0].kind == "official"]
+    assert len(official) == 8 and reg.get("maest-tiny").sources[0].kind == "bundled"
     assert reg.get("maest-30s").name == "discogs-maest-30s-pw-129e"
     urls = [s.files[0].url for s in reg.get("maest-30s").sources]
     assert urls[0] == ("https://github.com/palonso/MAEST/releases/download/v0.0.0-beta/"
