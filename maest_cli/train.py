@@ -1,5 +1,10 @@
 """`maest train`: MAEST on a prepare-mels dataset, with patchout, on one CPU or many GPUs.
 
+`[model] architecture = "effnet-b0"` trains the paper's CNN baseline, EfficientNet-B0, through
+the same loop (effnet_train.py: 128-frame crops, no patchout, BatchNorm statistics
+re-estimated for the SWA weights, its own checkpoint format), so the two differ only in the
+network.
+
 The recipe is REFERENCE 6 (configs/train/maest-*.toml): weighted epochs of tracks drawn without
 replacement, random crops of the segment length, mixup + SpecAugment, random structured
 patchout (whole time columns and frequency rows, so the sequence really shrinks), BCE on the
@@ -47,13 +52,14 @@ from .meldataset import DatasetError, MelDataset
 from .model import MAEST, random_patchout
 from .runtime import UsageError, autocast, resolve_device, resolve_dtype
 from .train_config import RESUMABLE_CHANGES, TrainConfig, load_train_config
-from .train_data import (Augment, BatchLayout, TrainBatches, class_weights, draw_epoch, eval_crops,
-                         patchout_generator, track_weights)
+from .train_data import (Augment, BatchLayout, TrainBatches, bn_calibration_batches, class_weights, draw_epoch,
+                         eval_crops, patchout_generator, track_weights)
 from .train_init import InitInfo, init_model
 
 STATE, METRICS, RESOLVED = "state.pt", "metrics.jsonl", "config.resolved.json"
 CHECKPOINTS = ("last", "best", "swa")
 STATE_FORMAT = "maest-cli-train-state/1"
+SWA_BN_CROPS = 512  # training crops that re-estimate BatchNorm statistics of SWA weights (EfficientNet-B0)
 
 
 class TrainError(RuntimeError):
@@ -374,6 +380,28 @@ class MetricsLog:
             self.f.close()
 
 
+# ------------------------------------------------------------------ the network
+
+def build_network(cfg: TrainConfig, n_classes: int) -> nn.Module:
+    """The network of a recipe: MAEST, or EfficientNet-B0 behind the interface the loop calls on
+    MAEST (`.cfg.frames`, `.cfg.n_classes`, `forward(x, logits=True, patchout=None).logits`)."""
+    if cfg.is_maest:
+        return MAEST(cfg.model_config(n_classes))
+    from .effnet_train import build_tagger
+
+    return build_tagger(n_classes)
+
+
+def save_network(path: Path, model: nn.Module, labels: list[str], extra: dict) -> None:
+    """Our MAEST checkpoint format, or the EfficientNet-B0 one (effnet_train), by architecture."""
+    if isinstance(model, MAEST):
+        save_checkpoint(path, model, labels, extra=extra)
+    else:
+        from .effnet_train import save_effnet_checkpoint
+
+        save_effnet_checkpoint(path, model, labels, extra=extra)
+
+
 # ------------------------------------------------------------------ setup
 
 class Tagger(nn.Module):
@@ -518,11 +546,11 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                          f"(now {d.world})")
 
     # ---- model, init, normalisation, precision
-    mcfg = cfg.model_config(len(labels))
     torch.manual_seed(cfg.seed)
-    model = MAEST(mcfg)
+    model = build_network(cfg, len(labels))
+    mcfg = model.cfg
     if state is None:
-        init = init_model(model, cfg.init, labels)
+        init = init_model(model, cfg.init, labels) if cfg.is_maest else InitInfo("random")
     else:
         init = InitInfo(**state["init"])
         model.load_state_dict(state["model"])
@@ -558,7 +586,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                 "processes": d.world, "global_batch": layout.global_batch, "epoch_len": epoch_len,
                 "epoch_len_requested": cfg.epoch_len, "steps_per_epoch": layout.steps,
                 "patchout": {"drop_time": cfg.drop_time(mcfg.t_patches), "drop_freq": cfg.patchout_freq,
-                             "grid": [mcfg.f_patches, mcfg.t_patches]},
+                             "grid": [mcfg.f_patches, mcfg.t_patches]} if cfg.is_maest else None,
                 "validation": {"tracks": len(val_rows), "crops": "centre" if cfg.val_segments == 1
                                else f"{cfg.val_segments} evenly spaced segments, sigmoid outputs averaged",
                                "best_by": cfg.best_metric},
@@ -582,7 +610,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
             "normalization": norm.to_dict(), "dtype": dtype, "warned": sorted(warned)})
 
     def save_weights(kind: str, m: MAEST, ep: int, val: dict | None) -> None:
-        save_checkpoint(run_dir / f"{kind}.safetensors", m, labels, extra={
+        save_network(run_dir / f"{kind}.safetensors", m, labels, extra={
             "name": f"{run_dir.name}-{kind}", "kind": kind, "epoch": ep, "global_step": global_step,
             "dataset": dataset_info, "train_config": cfg.to_dict(), "input_norm": norm.to_dict(),
             "init": init.to_dict(), "validation": val, "swa_snapshots": swa.n if kind == "swa" else None,
@@ -606,14 +634,15 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
         _log(d, f"train: resuming {run_dir} at epoch {epoch + 1}, step {global_step}")
     if epoch_len < cfg.epoch_len:
         _log(d, f"train: epoch_len {cfg.epoch_len} > {drawable} drawable tracks; epochs of {epoch_len}")
-    _log(d, f"train: MAEST {mcfg.width}x{mcfg.depth}, {mcfg.frames} frames, {len(labels)} labels; "
+    what = f"MAEST {mcfg.width}x{mcfg.depth}" if cfg.is_maest else "EfficientNet-B0"
+    _log(d, f"train: {what}, {mcfg.frames} frames, {len(labels)} labels; "
             f"{d.world} process(es) on {d.device}, {dtype}; global batch {layout.global_batch}, "
             f"{layout.steps} steps/epoch; init {init.kind}; input norm from {norm.source}")
 
-    drop_t, drop_f = cfg.drop_time(mcfg.t_patches), cfg.patchout_freq
+    drop_t, drop_f = (cfg.drop_time(mcfg.t_patches), cfg.patchout_freq) if cfg.is_maest else (0, 0)
     augment = Augment(cfg.mixup_alpha, cfg.specaug_time_masks, cfg.specaug_time_width, cfg.specaug_freq_masks,
                       cfg.specaug_freq_width)
-    scratch: MAEST | None = None  # holds the SWA weights for validation and saving
+    scratch: nn.Module | None = None  # holds the SWA weights for validation and saving
     last_val = swa_val = None
 
     if state is not None and state.get("finished") and epoch >= cfg.epochs:
@@ -648,7 +677,8 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                     x, y = batch
                     x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
                     po = random_patchout(mcfg.f_patches, mcfg.t_patches, drop_t, drop_f,
-                                         generator=patchout_generator(cfg.seed, global_step, micro))
+                                         generator=patchout_generator(cfg.seed, global_step, micro)) \
+                        if cfg.is_maest else None
                     sync = micro == layout.accum - 1 or d.world == 1
                     with (contextlib.nullcontext() if sync else net.no_sync()):
                         with autocast(d.device, dtype):
@@ -704,8 +734,15 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                 swa.update(model)
             if swa.n and (swa_updated or swa_val is None):
                 if scratch is None:
-                    scratch = MAEST(mcfg).to(d.device)
-                swa_val = evaluate(swa.copy_to(scratch), data, val_rows, norm, cfg, d, dtype)
+                    scratch = type(model)(mcfg).to(d.device)
+                swa.copy_to(scratch)
+                if not cfg.is_maest:  # averaged weights need BatchNorm statistics of their own
+                    from .effnet_train import recalibrate_batchnorm
+
+                    recalibrate_batchnorm(scratch, bn_calibration_batches(
+                        data, train_rows, mcfg.frames, norm, cfg.seed, done, SWA_BN_CROPS, cfg.val_batch_size,
+                        d.device))
+                swa_val = evaluate(scratch, data, val_rows, norm, cfg, d, dtype)
             in_sync = params_in_sync(model, d)
             value = last_val.get(cfg.best_metric) if last_val else None
             if value is None:  # no validation split, or no scores: best follows last until an epoch is scored

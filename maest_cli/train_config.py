@@ -20,7 +20,8 @@ from .model import VARIANTS, MaestConfig, tiny_config
 # Paper (section 3.2 and 4.3): time columns dropped per segment length; 3 frequency rows always.
 PAPER_PATCHOUT_TIME = {"5s": 15, "10s": 30, "20s": 60, "30s": 90}
 SECTIONS = {
-    "model": ("variant", "frames", "width", "depth", "heads", "mlp_dim", "pos_embed", "init", "normalization"),
+    "model": ("architecture", "variant", "frames", "width", "depth", "heads", "mlp_dim", "pos_embed", "init",
+              "normalization"),
     "data": ("epoch_len", "batch_size", "accum_steps", "workers", "class_weight_scale", "class_weight_offset"),
     "optim": ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip"),
     "schedule": ("epochs", "warmup_epochs", "decay_start_epoch", "decay_epochs", "final_lr_factor", "lr_update"),
@@ -30,6 +31,7 @@ SECTIONS = {
     "run": ("seed", "device", "dtype", "threads", "log_every", "save_every", "val_batch_size", "val_segments",
             "best_metric"),
 }
+ARCHITECTURES = ("maest", "effnet-b0")
 # What `--resume` may change: everything else must match the run it continues.
 RESUMABLE_CHANGES = ("epochs", "device", "workers", "threads", "log_every", "save_every", "val_batch_size")
 
@@ -38,7 +40,10 @@ RESUMABLE_CHANGES = ("epochs", "device", "workers", "threads", "log_every", "sav
 class TrainConfig:
     """Every knob of a training run. Defaults are the paper's MAEST-30s recipe (REFERENCE 6)."""
 
-    # [model] variant: 5s/10s/20s/30s (ViT-Base) or tiny; the other shape fields override it.
+    # [model] architecture: maest, or effnet-b0 (the paper's CNN baseline: 128-frame crops, no
+    # patchout, random init; the MAEST shape keys below do not apply to it).
+    architecture: str = "maest"
+    # variant: 5s/10s/20s/30s (ViT-Base) or tiny; the other shape fields override it.
     variant: str = "30s"
     frames: int | None = None  # segment length in frames = the training crop (None: the variant's)
     width: int | None = None
@@ -104,6 +109,18 @@ class TrainConfig:
                  if getattr(self, k) is not None}
         return dataclasses.replace(base, n_classes=n_classes, pos_embed=self.pos_embed, **shape)
 
+    @property
+    def is_maest(self) -> bool:
+        return self.architecture == "maest"
+
+    def crop_frames(self) -> int:
+        """The training crop in mel frames: the MAEST segment, or EfficientNet-B0's 128-frame patch."""
+        if self.is_maest:
+            return self.model_config(n_classes=1).frames
+        from .effnet import PATCH_FRAMES
+
+        return PATCH_FRAMES
+
     def drop_time(self, t_patches: int) -> int:
         """Time columns that training patchout drops from a grid of t_patches columns."""
         if self.patchout_time is not None:
@@ -167,6 +184,8 @@ def _validate(cls, d: dict, where: str) -> TrainConfig:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{where}: {key} = {getattr(cfg, key)!r}: {why}")
 
+    if cfg.architecture not in ARCHITECTURES:
+        raise bad("architecture", f"expected one of {', '.join(ARCHITECTURES)}")
     if cfg.variant not in (*VARIANTS, "tiny"):
         raise bad("variant", f"expected one of {', '.join([*VARIANTS, 'tiny'])}")
     if cfg.pos_embed not in ("separable", "grid"):
@@ -203,6 +222,8 @@ def _validate(cls, d: dict, where: str) -> TrainConfig:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             raise bad(key, "expected a value in [0, 1)")
+    if not cfg.is_maest:
+        return _validate_effnet(cfg, where)
     try:
         mcfg = cfg.model_config(n_classes=1)
     except ValueError as e:
@@ -212,6 +233,23 @@ def _validate(cls, d: dict, where: str) -> TrainConfig:
     if cfg.drop_time(mcfg.t_patches) >= mcfg.t_patches:
         raise ConfigError(f"{where}: patchout_time = {cfg.drop_time(mcfg.t_patches)}: the model has only "
                           f"{mcfg.t_patches} time columns; keep at least one")
+    return cfg
+
+
+def _validate_effnet(cfg: TrainConfig, where: str) -> TrainConfig:
+    """EfficientNet-B0 has one shape and input (Discogs-EffNet's 128 x 96 patches) and trains from
+    random weights here: MAEST's shape keys and a weights file to start from are refused, not
+    ignored. The variant, pos_embed and patchout keys are MAEST's and have no effect."""
+    from .effnet import PATCH_FRAMES
+
+    shaped = [k for k in ("width", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None]
+    if shaped:
+        raise ConfigError(f"{where}: {', '.join(shaped)}: MAEST shape keys; architecture effnet-b0 has a fixed shape")
+    if cfg.frames is not None and cfg.frames != PATCH_FRAMES:
+        raise ConfigError(f"{where}: frames = {cfg.frames}: architecture effnet-b0 trains on {PATCH_FRAMES}-frame "
+                          f"crops (Discogs-EffNet's patches); leave frames unset")
+    if cfg.init != "random":
+        raise ConfigError(f"{where}: init = {cfg.init!r}: architecture effnet-b0 trains from random weights only")
     return cfg
 
 
@@ -285,5 +323,5 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
-__all__ = ["TrainConfig", "load_train_config", "parse_set", "recipe_path", "PAPER_PATCHOUT_TIME",
+__all__ = ["TrainConfig", "load_train_config", "parse_set", "recipe_path", "PAPER_PATCHOUT_TIME", "ARCHITECTURES",
            "RESUMABLE_CHANGES", "SECTIONS"]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .frontend import InputNorm
 
 # Stream tags, so the keyed generators of different uses never coincide.
-SAMPLER, CROP, SPECAUG, MIXUP, MIXUP_PAIRS, PATCHOUT = 1, 2, 3, 4, 5, 6
+SAMPLER, CROP, SPECAUG, MIXUP, MIXUP_PAIRS, PATCHOUT, BN_CALIBRATION = 1, 2, 3, 4, 5, 6, 7
 
 
 def keyed_rng(*key: int) -> np.random.Generator:
@@ -200,6 +200,21 @@ def patchout_generator(seed: int, step: int, micro: int):
     return g
 
 
+def bn_calibration_batches(data, rows: np.ndarray, frames: int, norm: InputNorm, seed: int, epoch: int,
+                           n: int, batch_size: int, device=None):
+    """`n` normalised random training crops (no augmentation) in batches, for re-estimating
+    BatchNorm statistics: tracks drawn with replacement, all keyed by (seed, epoch), so a
+    resumed run and every process see the same crops."""
+    import torch
+
+    rng = keyed_rng(seed, BN_CALIBRATION, epoch)
+    picks = rng.choice(np.asarray(rows), size=n, replace=True)
+    for start in range(0, n, batch_size):
+        part = picks[start:start + batch_size]
+        x = np.stack([norm.apply(data.crop(int(r), frames, rng=rng)) for r in part])
+        yield torch.from_numpy(x).to(device) if device is not None else torch.from_numpy(x)
+
+
 def eval_crops(data, row: int, frames: int, segments: int) -> np.ndarray:
     """[k, frames, 96] unnormalised crops of a validation track: the centre one (segments=1),
     or `segments` evenly spaced ones (a track shorter than the segment gives one padded crop)."""
@@ -212,4 +227,4 @@ def eval_crops(data, row: int, frames: int, segments: int) -> np.ndarray:
 
 __all__ = ["class_weights", "track_weights", "draw_epoch", "BatchLayout", "mixup_lambda", "mixup",
            "spec_augment", "TIME_MASK_MAX_SHARE", "Augment", "TrainBatches", "patchout_generator", "eval_crops",
-           "keyed_rng"]
+           "bn_calibration_batches", "keyed_rng"]
