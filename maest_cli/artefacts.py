@@ -28,6 +28,15 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
+def write_png(path: str | os.PathLike, fig, dpi: int = 120) -> None:
+    """A matplotlib figure as a PNG, atomically (rendered in memory, then write_atomic)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

@@ -599,7 +599,7 @@ def plot_report(report: dict, path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .artefacts import write_atomic
+    from .artefacts import write_png
 
     rows, base = report["results"], report.get("baseline")
     panels = []
@@ -642,10 +642,4 @@ def plot_report(report: dict, path: str | Path) -> None:
              + (" (random weights: fidelity means little)" if report["model"]["random_weights"] else ""))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        write_atomic(p, tmp.read_bytes())
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_png(path, fig)

@@ -157,8 +157,8 @@ def extract(
     out: Path = typer.Option(..., "--out", "-o", help="Output Parquet dataset directory (resumable)."),
     model: Optional[str] = typer.Option(None, help="Model name, alias or weights file; default: the registry "
                                         "default (MAEST-30s)."),
-    patchout: str = typer.Option("none", "--patchout", help="Speed preset: none (exact), fast, faster, fastest "
-                                 "(configs/presets.toml)."),
+    patchout: str = typer.Option("none", "--patchout", help="Speed preset: none (exact), fast, faster, fastest, "
+                                 "none-int8, fast-int8 (CPU int8 Linear layers; configs/presets.toml)."),
     time_keep_every: Optional[int] = typer.Option(None, "--time-keep-every", help="Expert: keep every Nth time "
                                                   "column (overrides the preset)."),
     drop_freq_rows: Optional[str] = typer.Option(None, "--drop-freq-rows", help="Expert: frequency rows to drop, "
@@ -169,7 +169,8 @@ def extract(
     hop: str = typer.Option("half", help="Segment hop: half, full or seconds."),
     scores: bool = typer.Option(False, "--scores", help="Add the sigmoid Discogs style activations."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 where native, else fp32), fp32, bf16, fp16 (GPU)."),
+    dtype: str = typer.Option("auto", help="auto (the preset's: bf16 where native, else fp32; int8 for the -int8 "
+                          "presets), fp32, bf16, fp16 (GPU), int8 (CPU)."),
     workers: int = typer.Option(1, help="Decoder processes (0: decode in the main process)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Segments per forward (CPU: 1 is fastest)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Model threads in the main process (default: "
@@ -478,6 +479,57 @@ def corpus_info_command(
             console.print(t)
         console.print(f"versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if 'sha' not in k)}",
                       markup=False, highlight=False)
+
+# ------------------------------------------------------------------ findings
+# (findings command: issue 8)
+
+@app.command("findings")
+def findings_cmd(
+    out: Path = typer.Argument(..., help="Folder for findings.json, findings.md and the PNGs."),
+    corpus: Path = typer.Option(..., "--corpus", help="A `maest corpus build` folder (built there when absent)."),
+    model: str = typer.Option("maest-tiny", help="The trained MAEST: registry name or weights file."),
+    work: Optional[Path] = typer.Option(None, help="Cache of every step (default OUT/work); rerun to resume."),
+    mels: Optional[Path] = typer.Option(None, help="prepare-mels dataset of the pre-training clips for "
+                                        "EfficientNet-B0 (default: the model's own, else prepared in WORK)."),
+    effnet: Optional[Path] = typer.Option(None, help="A trained EfficientNet-B0 (`maest train --config effnet-b0`) "
+                                          "instead of training one."),
+    effnet_epochs: Optional[int] = typer.Option(None, help="EfficientNet-B0 training budget in epochs (default: "
+                                                "configs/train/effnet-b0.toml, 10); the schedule is stretched."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated downstream tasks (default: all of the corpus)."),
+    presets: Optional[str] = typer.Option(None, help="Comma-separated presets (default: all of configs/presets.toml)."),
+    preset_block: Optional[int] = typer.Option(None, help="Block of the preset comparison (default: the best on "
+                                               "validation)."),
+    grid: str = typer.Option("none", help="Probe grid of configs/probe.toml."),
+    seeds: int = typer.Option(3, help="Probe seeds of the headline comparisons."),
+    sweep_seeds: int = typer.Option(1, help="Probe seeds of the block x token sweep."),
+    jobs: int = typer.Option(2, help="Probes run at once (one thread each)."),
+    batch_size: int = typer.Option(8, help="Segments per forward."),
+    repeats: int = typer.Option(5, help="Timing rounds of the throughput comparison."),
+    clips: Optional[int] = typer.Option(None, help="Clips of the corpus, when it has to be built."),
+    corpus_workers: int = typer.Option(2, help="Render processes, when the corpus has to be built."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+) -> None:
+    """Reproduce the paper's findings on the demo corpus: best blocks, presets vs EfficientNet-B0, training helps."""
+    with errors_to_exit_codes():
+        from .findings import FindingsOptions, run_findings
+
+        def names(text: Optional[str]) -> Optional[tuple[str, ...]]:
+            return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
+
+        opts = FindingsOptions(model=model, tasks=names(tasks), grid=grid, seeds=seeds, sweep_seeds=sweep_seeds,
+                               presets=names(presets), preset_block=preset_block,
+                               effnet=str(effnet) if effnet else None, effnet_epochs=effnet_epochs,
+                               mels=str(mels) if mels else None, corpus_clips=clips, corpus_workers=corpus_workers,
+                               batch_size=batch_size, device=device, jobs=jobs, repeats=repeats)
+        f = run_findings(corpus, out, work=work, options=opts)
+        for line in f["observations"]:
+            err.print(f"- {line}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"maest: findings in {out}/findings.md (tables), findings.json, blocks.png, presets.png, "
+                  f"baselines.png", markup=False, highlight=False, soft_wrap=True)
+        failed = sum(v.get("failed", 0) for v in f["sweeps"].values())
+        if failed:
+            print_error(f"{failed} clip embeddings failed (see the _errors folders under {f['work']}/emb)")
+            raise typer.Exit(1)
 
 # ------------------------------------------------------------------ bench
 

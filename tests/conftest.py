@@ -54,3 +54,15 @@ def tiny_model_file(tmp_path):
     model = MAEST(tiny_config(frames=316, n_classes=10))
     return str(save_checkpoint(tmp_path / "tiny.safetensors", model, labels=[f"tag{i}" for i in range(10)],
                                extra={"name": "tiny-test"}))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread on a shared machine; restored afterwards.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,13 +44,7 @@ BLOCK = 2  # the tiny model has 4 blocks
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """A tiny model runs fastest on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
