@@ -31,13 +31,7 @@ META = {"model": "maest-30s-pw", "block": 7, "tokens": ["cls", "dist", "avg"], "
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny MLPs run fastest on one thread, and the machine is shared; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_embeddings(directory: Path, paths, x: np.ndarray, root: str = "/data/audio", meta: dict | None = None,
@@ -781,3 +775,15 @@ def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
                 extract_options={"model": tiny_model_file, "block": 2, "progress": False})
     assert res["dataset"]["join"]["matched"] == 12 and res["extract_failed"] == 1
     assert res["embeddings"]["dim"] == 3 * 64 and res["block"] == 2
+
+
+def test_probe_bench_runs_the_probe_on_its_synthetic_dataset(tmp_path):
+    from maest_cli import probe_bench
+
+    out = tmp_path / "bench.json"
+    grid = tiny_grid(tmp_path, lrs=(3e-3,), epochs=(20,))
+    assert probe_bench.main(["--tracks", "1000", "--dim", "16", "--tags", "4", "--grid", grid, "--seeds", "1",
+                             "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tracks"] == 1000 and report["grid_points"] == 1 and report["timing_s"]["total"] > 0
+    assert report["test_roc_auc"]["mean"] > 0.6  # the tags follow the embeddings: the probe learns them
