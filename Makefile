@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 MAEST := $(VENV)/bin/maest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow corpus corpus-deps bench bench-audio bench-train findings maest-tiny clean
+.PHONY: setup demo test test-slow corpus corpus-deps bench bench-audio bench-train bench-probe findings maest-tiny clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 # The main job: embeddings (and style/instrument activations) of a few bundled music clips with
 # the bundled model maest-tiny. Nothing is downloaded.
 demo: setup
-	$(MAEST) extract examples/music --model maest-tiny --scores --out demo-embeddings --overwrite --json
+	$(MAEST) extract examples/music --model maest-tiny --scores --out demo-embeddings --overwrite
 	$(PY) examples/show_embeddings.py demo-embeddings
 
 # One test renders a real clip with FluidSynth, so the tests need the corpus tools too.
@@ -49,11 +49,17 @@ corpus: setup corpus-deps
 	$(MAEST) corpus info $(CORPUS)
 
 # How the bundled model was made (about an hour on 2 CPU cores): prepare the pre-training mels
-# of the corpus, train, and copy the SWA weights (fp16) into the package.
+# of the corpus, train, and copy the weights chosen on validation (fp16) into the package.
 maest-tiny: corpus
 	$(MAEST) prepare-mels $(CORPUS)/pretrain --out mels-pretrain --labels $(CORPUS)/pretrain/labels.tsv --crop full --workers $(WORKERS)
 	$(MAEST) train --data mels-pretrain --out runs/maest-tiny --config maest-tiny
-	$(PY) -m maest_cli.bundle runs/maest-tiny maest_cli/weights/maest-tiny
+	$(PY) -m maest_cli.bundle runs/maest-tiny maest_cli/weights/maest-tiny --weights best
+
+# The paper's findings at small scale (README "Findings"): on the demo corpus (built first when
+# absent), the bundled maest-tiny against EfficientNet-B0 trained here on the same data and budget,
+# random weights and mel statistics; every block and preset probed. Resumable: rerun after a kill.
+findings: corpus
+	$(MAEST) findings findings --corpus $(CORPUS) --jobs $(WORKERS)
 
 # Speed: every preset against EfficientNet-B0, same process, same threads (README "Speed").
 bench: setup
@@ -66,5 +72,9 @@ bench-audio: setup
 bench-train: setup
 	$(PY) -m maest_cli.train_bench --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
 
+# The probe's quick grid on catalogue-sized synthetic embeddings (25,000 x 2304, 50 tags).
+bench-probe: setup
+	$(PY) -m maest_cli.probe_bench --tracks 25000 --dim 2304 --grid quick --seeds 3 --work bench-probe-data --out bench-probe.json
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo-embeddings
+	rm -rf $(VENV) build *.egg-info demo-embeddings bench-probe-data
