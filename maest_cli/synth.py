@@ -262,9 +262,13 @@ def write_song(spec: SongSpec, path: str | os.PathLike, sr: int = 44_100) -> Pat
     kw = {".mp3": {"format": "MP3"}, ".ogg": {"format": "OGG", "subtype": "VORBIS"},
           ".opus": {"format": "OGG", "subtype": "OPUS"}, ".flac": {"format": "FLAC"},
           ".wav": {"format": "WAV", "subtype": "PCM_16"}}[ext]
-    audio = render(spec, sr if ext != ".opus" else 48_000)
+    rate = sr if ext != ".opus" else 48_000
+    audio = render(spec, rate)
     tmp = p.with_name(f".{p.name}.tmp")
-    sf.write(str(tmp), audio, sr if ext != ".opus" else 48_000, **kw)
+    # In blocks: libsndfile's Vorbis encoder crashes (segfault) on one write of minutes of audio.
+    with sf.SoundFile(str(tmp), "w", rate, audio.shape[1] if audio.ndim > 1 else 1, **kw) as f:
+        for start in range(0, len(audio), 1 << 16):
+            f.write(audio[start:start + (1 << 16)])
     os.replace(tmp, p)
     return p
 
