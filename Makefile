@@ -59,7 +59,7 @@ maest-tiny: corpus
 # absent), the bundled maest-tiny against EfficientNet-B0 trained here on the same data and budget,
 # random weights and mel statistics; every block and preset probed. Resumable: rerun after a kill.
 findings: corpus
-	$(MAEST) findings findings --corpus $(CORPUS) --jobs $(WORKERS)
+	$(MAEST) findings findings --corpus $(CORPUS) --jobs $(WORKERS) --presets fast,faster,fastest
 
 # Speed: every preset against EfficientNet-B0, same process, same threads (README "Speed").
 bench: setup
