@@ -1,6 +1,7 @@
 """maest-cli: MAEST music embeddings from audio files, with training and probes.
 
-The Python API mirrors the commands: `extract`, `prepare_mels`, `train`, `probe`, plus the
+The Python API mirrors the commands: `extract`, `prepare_mels`, `train`, `probe`, `run_bench`,
+`build_corpus`, `run_findings`, plus the
 pieces they are built from (`load_model`, `load_audio`, `mel_frontend`, `MelDataset`, ...).
 Names resolve on first use, so `import maest_cli` stays cheap (no torch until needed).
 """
@@ -36,6 +37,9 @@ _LAZY = {
     "load_train_config": ("train_config", "load_train_config"),
     "probe": ("probe", "probe"),
     "load_probe": ("probe", "load_probe"),
+    "run_bench": ("bench", "run_bench"),  # not `bench`: that name is the module
+    "build_corpus": ("corpus", "build_corpus"),
+    "run_findings": ("findings", "run_findings"),
 }
 
 
