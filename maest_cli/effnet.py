@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -110,21 +111,41 @@ class EfficientNetB0(nn.Module):
         return emb, self.classifier(self.dropout(emb))
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
+                          forward: Callable[[torch.Tensor], object] | None = None) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance as the plain average over
+    `batches` (inputs of `forward`, default the model itself), in place: the statistics that
+    belong to averaged (SWA) weights, which the average of the snapshots' statistics is not.
+    Only the BatchNorm layers run in training mode (no dropout, no stochastic depth); their
+    momentum is restored and the model comes back in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: equal weight to every batch
+        m.train()
+    seen = 0
+    for x in batches:
+        (forward or model)(x)
+        seen += 1
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+        m.eval()
+    if not seen:
+        raise ValueError("recalibrate_batchnorm: no batches")
+    return model
+
+
 def calibrate_batchnorm(model: EfficientNetB0, x: torch.Tensor) -> EfficientNetB0:
     """Set every BatchNorm's running statistics from one batch, in place: a random-weight model
     then keeps activations near unit scale, as a trained one does (with the default statistics
     they shrink by ~1e-14 over the network, far from how real weights behave)."""
     was_training = model.training
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: after one batch, that batch's statistics
-    model.train()
-    with torch.no_grad():
-        model.embed(x)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = 0.01
+    recalibrate_batchnorm(model, [x], forward=model.embed)
     return model.train(was_training)
 
 

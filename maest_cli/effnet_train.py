@@ -7,7 +7,7 @@ What differs, and lives here:
 - `EffNetTagger`: EfficientNetB0 behind the interface the loop calls on MAEST
   (`.cfg.frames`, `.cfg.n_classes`, `forward(mel, logits=True).logits`);
 - SWA: averaged weights need BatchNorm statistics of their own, so they are re-estimated on
-  training crops (`recalibrate_batchnorm`) before the SWA model is scored or saved;
+  training crops (effnet.recalibrate_batchnorm) before the SWA model is scored or saved;
 - checkpoints: `save_effnet_checkpoint` writes safetensors with `format = maest-cli-effnet/1`
   and `architecture = effnet-b0` in the metadata (labels, input scaling, recipe), the state
   dict of a plain EfficientNetB0; `load_effnet` reads it back. MAEST loaders refuse these
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .effnet import PATCH_FRAMES, EfficientNetB0, EffNetConfig
+from .effnet import PATCH_FRAMES, EfficientNetB0, EffNetConfig, recalibrate_batchnorm
 from .frontend import InputNorm
 
 ARCHITECTURE = "effnet-b0"
@@ -91,35 +90,6 @@ class EffNetTagger(nn.Module):
 
 def build_tagger(n_classes: int) -> EffNetTagger:
     return EffNetTagger(EffNetTaggerConfig(n_classes=n_classes))
-
-
-# ------------------------------------------------------------------ BatchNorm after SWA
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Re-estimate every BatchNorm's running mean and variance as the plain average over
-    `batches` (model inputs), in place: the statistics that belong to averaged (SWA) weights,
-    which the average of the snapshots' statistics is not. Only the BatchNorm layers run in
-    training mode (no dropout, no stochastic depth); the model comes back in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return model.eval()
-    momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: equal weight to every batch
-        m.train()
-    seen = 0
-    for x in batches:
-        model(x)
-        seen += 1
-    for m, mom in zip(norms, momenta):
-        m.momentum = mom
-        m.eval()
-    if not seen:
-        raise ValueError("recalibrate_batchnorm: no batches")
-    return model
 
 
 # ------------------------------------------------------------------ checkpoints
