@@ -186,15 +186,17 @@ def random_effnet():
 
 
 def effnet_contender(frames: int, dtype: str, device: torch.device, fold_bn: bool = True,
-                     channels_last: bool = True, compile_model: bool = False, name: str = "effnet-b0") -> Contender:
-    """The same segment as Discogs-EffNet patches through EfficientNet-B0 (random weights: the
-    time is the same), with every trick the CNN can use here. `compile_model`: torch.compile (inductor
+                     channels_last: bool = True, compile_model: bool = False, name: str = "effnet-b0",
+                     model=None) -> Contender:
+    """The same segment as Discogs-EffNet patches through EfficientNet-B0's embeddings (`model`,
+    default random weights: the time is the same), with every trick the CNN can use here. `compile_model`: torch.compile (inductor
     with freezing) fuses the CNN's many small element-wise ops; it needs a C++ compiler and tens
     of seconds, and falls back to eager (noted) when it fails."""
     from .effnet import mel_patches, n_patches, to_channels_last
     from .effnet import for_inference as effnet_for_inference
 
-    model = effnet_for_inference(random_effnet(), fold_bn=fold_bn, channels_last=channels_last).to(device)
+    model = effnet_for_inference(model if model is not None else random_effnet(), fold_bn=fold_bn,
+                                 channels_last=channels_last).to(device)
     x = mel_patches(torch.randn(frames, 96)).to(device)
     if channels_last:
         x = to_channels_last(x)

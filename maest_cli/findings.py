@@ -399,8 +399,6 @@ def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, 
     import torch
 
     from . import bench
-    from .effnet import for_inference as effnet_for_inference
-    from .effnet import mel_patches, n_patches, to_channels_last
     from .frontend import HOP_SIZE, SAMPLE_RATE
     from .presets import get_preset
     from .runtime import cpu_has_native_bf16, for_inference, resolve_device, resolve_dtype
@@ -413,17 +411,9 @@ def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, 
     quantised = for_inference(net, "int8") if any(dt == "int8" for _, dt in plan) else None
     contenders = [bench.maest_contender(p.name, quantised if dt == "int8" else net, cfg, frames, block, p.patchout,
                                         dt, dev) for p, dt in plan]
-    fast_eff = effnet_for_inference(eff.model).to(dev)
-    x = to_channels_last(mel_patches(torch.randn(frames, 96))).to(dev)
-
-    def call() -> object:
-        with torch.inference_mode():
-            return fast_eff(x)
-
-    contenders.append(bench.Contender("effnet-b0", "effnet", "fp32", call,
-                                      audio_s=(frames - 1) * HOP_SIZE / SAMPLE_RATE, gflop=bench.effnet_gflop(frames),
-                                      info={"patches": n_patches(frames), "weights": eff.path,
-                                            "tricks": ["batchnorm folded", "channels_last"]}))
+    effnet = bench.effnet_contender(frames, "fp32", dev, model=eff.model)
+    effnet.info["weights"] = eff.path
+    contenders.append(effnet)
     load_before = os.getloadavg()[0]
     bench.time_interleaved(contenders, repeats, warmup, dev, progress=None)
     rows = [bench.summarise(c) for c in contenders]
