@@ -37,9 +37,9 @@ import numpy as np
 from .artefacts import tool_versions
 from .audio import AudioError
 from .embedding_store import FORMAT, EmbeddingStore
-from .frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE, StreamingMel, iter_file_mel, n_frames
+from .frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE, StreamingMel, iter_file_mel
 from .runtime import UsageError
-from .segments import hop_frames, segment_starts
+from .segments import hop_frames, segment_starts, too_short
 from .walk import FoundFile, find_audio_files
 
 # Token stacks: each one dataset per block (cls, dist, avg alone, and the paper's concatenation).
@@ -244,9 +244,7 @@ class MaestSweep:
         from .runtime import autocast
 
         if len(mel) < self.cfg.min_frames:
-            raise AudioError(f.full_path, f"too short: {n_samples / SAMPLE_RATE:.3f} s gives {n_frames(n_samples)} "
-                                          f"mel frames; the model needs at least {self.cfg.min_frames}",
-                             stage="segment")
+            raise too_short(f.full_path, n_samples, self.cfg.min_frames)
         starts = segment_starts(len(mel), self.segment, self.hop)
         sums: list[np.ndarray | None] = [None] * len(self.outputs)
         for i in range(0, len(starts), self.batch_size):

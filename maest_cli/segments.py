@@ -124,6 +124,13 @@ class DecodeStats:
         return self.n_samples / SAMPLE_RATE
 
 
+def too_short(path: str, n_samples: int, min_frames: int) -> AudioError:
+    """The error of a file too short for the model: what it gave, and what the model needs."""
+    return AudioError(path, f"too short: {n_samples / SAMPLE_RATE:.3f} s gives {n_frames(n_samples)} mel frames; "
+                            f"the model needs at least {min_frames} "
+                            f"({((min_frames - 2) * HOP_SIZE + 1) / SAMPLE_RATE:.3f} s)", stage="segment")
+
+
 def iter_file_segments(path: str, segment_frames: int, hop: int, stats: DecodeStats | None = None,
                        min_frames: int = 16) -> Iterator[Segment]:
     """Decode -> 16 kHz -> log-mel -> segments, streaming. Raises AudioError
@@ -134,12 +141,9 @@ def iter_file_segments(path: str, segment_frames: int, hop: int, stats: DecodeSt
     for frames in iter_file_mel(path, stream=mel):
         yield from cutter.feed(frames)
     stats.n_samples = mel.samples_in
-    decoded = stats.duration_s
     try:
         last = cutter.finish()
     except ValueError:
-        raise AudioError(path, f"too short: {decoded:.3f} s gives {n_frames(stats.n_samples)} mel frames; "
-                               f"the model needs at least {min_frames} "
-                               f"({((min_frames - 2) * HOP_SIZE + 1) / SAMPLE_RATE:.3f} s)", stage="segment") from None
+        raise too_short(path, stats.n_samples, min_frames) from None
     yield from last
     stats.n_segments = cutter.n_emitted
