@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 MAEST := $(VENV)/bin/maest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow corpus corpus-deps bench bench-audio bench-train bench-probe findings maest-tiny clean
+.PHONY: setup demo test test-slow corpus corpus-deps bench bench-audio bench-train bench-probe bench-mels findings maest-tiny clean
 
 setup: $(VENV)/.installed
 
@@ -72,9 +72,14 @@ bench-audio: setup
 bench-train: setup
 	$(PY) -m maest_cli.train_bench --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
 
+# prepare-mels against the machine's decode limit: 20 three-minute MP3 and OGG files each, 1 and 2
+# workers, 3 interleaved rounds (issue 4's figures; about 6 minutes).
+bench-mels: setup
+	$(PY) -m maest_cli.mels_bench --files 20 --repeats 3 --work bench-mels-data --out bench-mels.json
+
 # The probe's quick grid on catalogue-sized synthetic embeddings (25,000 x 2304, 50 tags).
 bench-probe: setup
 	$(PY) -m maest_cli.probe_bench --tracks 25000 --dim 2304 --grid quick --seeds 3 --work bench-probe-data --out bench-probe.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-embeddings bench-probe-data
+	rm -rf $(VENV) build *.egg-info demo-embeddings bench-probe-data bench-mels-data

@@ -137,6 +137,19 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         return AudioInfo(str(p), f.samplerate, f.channels, int(frames), f.format)
 
 
+def downmix(block: np.ndarray) -> np.ndarray:
+    """The mean of the channels of a float32 [frames, channels] block, as block.mean(axis=1)
+    computes it (the same float32 values), but column by column: numpy's reduction over a
+    2-wide inner axis cost as much as decoding the MP3 (6 ms vs 0.3 ms per 2^18 frames)."""
+    if block.shape[1] == 1:
+        return block[:, 0]
+    mono = block[:, 0] + block[:, 1]
+    for c in range(2, block.shape[1]):
+        mono += block[:, c]
+    mono /= np.float32(block.shape[1])
+    return mono
+
+
 def iter_audio(
     path: str | os.PathLike,
     sample_rate: int = SAMPLE_RATE,
@@ -184,7 +197,7 @@ def iter_audio(
                                     f"({_short(e)})") from None
             last = len(block) < DECODE_BLOCK
             decoded += len(block)
-            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+            mono = downmix(block)
             if not np.isfinite(mono).all():
                 bad = int(np.flatnonzero(~np.isfinite(mono))[0]) + first_in + decoded - len(block)
                 raise AudioError(p, f"NaN or infinite samples (first at {bad / rate_in:.2f} s)")

@@ -94,10 +94,15 @@ def hann_window() -> torch.Tensor:
     return (0.5 - 0.5 * torch.cos(2 * math.pi * n / (FRAME_SIZE - 1))).float()
 
 
+@lru_cache(maxsize=None)
+def _window_and_filterbank(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a streaming run calls _frames_to_mel for every decoded block."""
+    return hann_window().to(device), torch.from_numpy(mel_filterbank()).float().to(device)
+
+
 def _frames_to_mel(frames: torch.Tensor) -> torch.Tensor:
     """[..., n, 512] windowless frames -> [..., n, 96] log-mel, in float32."""
-    window = hann_window().to(frames.device)
-    fb = torch.from_numpy(mel_filterbank()).float().to(frames.device)
+    window, fb = _window_and_filterbank(frames.device)
     spec = torch.fft.rfft(frames.float() * window, n=FRAME_SIZE)
     power = spec.real.square() + spec.imag.square()
     return torch.log10(1.0 + LOG_MULTIPLIER * (power @ fb))

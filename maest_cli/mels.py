@@ -327,12 +327,27 @@ def _excerpt_mel(path: str, first: int, count: int | None) -> tuple[np.ndarray, 
 
 def _decode_in_worker(path: str, crop: Crop, parent: int) -> tuple:
     """decode_track in a joblib worker: one torch thread, and gone when the parent (pid) is."""
+    _set_up_decoder(parent)
+    return decode_track(path, crop)
+
+
+def _set_up_decoder(parent: int) -> None:
     import torch
 
     _exit_with_parent(parent)
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    return decode_track(path, crop)
+
+
+def _start_decoders(workers: int) -> None:
+    """Start the decoder processes now and have each import the frontend (torch: about 1.5 s),
+    so that this happens while the main process plans rather than before the first track.
+    _decode_all's get_reusable_executor, with the same arguments, then finds them ready."""
+    from joblib.externals.loky import get_reusable_executor
+
+    pool = get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
+    for _ in range(workers):
+        pool.submit(_set_up_decoder, os.getpid())
 
 
 @functools.lru_cache(maxsize=None)
@@ -352,6 +367,7 @@ def _exit_with_parent(parent: int) -> None:
 # A decoder process that dies on this many tracks in a row, each decoded alone, means the
 # machine (memory limits, a broken install) rather than the files: the run stops.
 MAX_CRASHES_IN_A_ROW = 5
+DECODER_IDLE_S = 300  # idle decoder processes exit after this
 
 
 def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], Iterator[tuple]]:
@@ -382,7 +398,7 @@ def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], I
                 cap = 1 if k < alone_until else 2 * workers
                 try:
                     if pool is None:
-                        pool = get_reusable_executor(max_workers=workers, timeout=300)
+                        pool = get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
                     while len(window) < cap and k + len(window) < n:
                         window.append(pool.submit(task, paths[k + len(window)], crop, os.getpid()))
                     result = window[0].result()
@@ -495,6 +511,7 @@ def prepare_mels(
             raise UsageError(f"--out {out}: holds a dataset made with other options ({_differences(old, new)}); "
                              f"choose a new directory")
         return {**json.loads((out / REPORT).read_text()), "out": str(out), "already_complete": True}
+    _start_decoders(workers)  # their imports (torch) overlap the planning below
     if state == "unfinished":
         info = json.loads((out / WORK_DIR / "plan.json").read_text())
         old, new = {**info["options"], "part": info.get("part")}, {**options, "part": list(part) if part else None}

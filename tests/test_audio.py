@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from maest_cli.audio import AudioError, audio_info, iter_audio, load_audio
+from maest_cli.audio import AudioError, audio_info, downmix, iter_audio, load_audio
 from maest_cli.frontend import file_mel, mel_frontend
 
 from conftest import tone_mix, write_audio
@@ -164,3 +164,13 @@ def test_unreadable_file(tmp_path):
     os.close(write_fd)
     os.waitpid(pid, 0)
     assert os.read(read_fd, 1000).decode() == "permission denied"
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_downmix_equals_numpy_mean(channels):
+    # The column-wise downmix must give the very float32 values of block.mean(axis=1), which the
+    # frontend's Essentia comparison was made with, for any channel count.
+    block = np.random.default_rng(channels).standard_normal((50_000, channels)).astype(np.float32)
+    mono = downmix(block)
+    assert mono.dtype == np.float32 and mono.shape == (50_000,)
+    np.testing.assert_array_equal(mono, block.mean(axis=1, dtype=np.float32))

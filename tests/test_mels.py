@@ -831,3 +831,23 @@ def test_cli_run_exit_codes(corpus, tmp_path):
     r = runner.invoke(app, ["prepare-mels", str(corpus["audio"]), "--out", str(tmp_path / "foreign")])
     assert r.exit_code == 2 and "not empty" in r.stderr
     assert runner.invoke(app, ["prepare-mels", "--verify", str(tmp_path / "nothing")]).exit_code == 1
+
+
+# ------------------------------------------------------------------ the throughput benchmark
+
+def test_mels_bench_compares_each_run_with_the_decode_limit_of_its_round(tmp_path):
+    """`make bench-mels` on two short files, one round: every figure is a positive rate, the
+    shares are the runs' rates over the decode-only rate of the same round, and the datasets it
+    made are gone."""
+    from maest_cli import mels_bench
+
+    result = mels_bench.run(tmp_path, files=2, repeats=1, workers=[1], formats=["ogg"], seconds=4)
+    (row,) = result["rows"]
+    assert row["format"] == "ogg" and row["workers"] == 1
+    for kind in ("decode", "cold", "warm"):
+        assert row[kind]["min"] == row[kind]["median"] == row[kind]["max"] > 0
+    assert row["warm_share"]["median"] == pytest.approx(row["warm"]["median"] / row["decode"]["median"])
+    assert row["cold_share"]["median"] == pytest.approx(row["cold"]["median"] / row["decode"]["median"])
+    assert "| OGG | 1 |" in mels_bench.table(result)
+    assert not (tmp_path / "out").exists()
+    assert result["seconds_per_file"] == 4 and result["versions"]
