@@ -499,7 +499,7 @@ def findings_cmd(
     presets: Optional[str] = typer.Option(None, help="Comma-separated presets (default: all of configs/presets.toml)."),
     preset_block: Optional[int] = typer.Option(None, help="Block of the preset comparison (default: the best on "
                                                "validation)."),
-    grid: str = typer.Option("none", help="Probe grid of configs/probe.toml."),
+    grid: str = typer.Option("quick", help="Probe grid of configs/probe.toml (each probe's setting chosen on validation)."),
     seeds: int = typer.Option(3, help="Probe seeds of the headline comparisons."),
     sweep_seeds: int = typer.Option(1, help="Probe seeds of the block x token sweep."),
     jobs: int = typer.Option(2, help="Probes run at once (one thread each)."),
