@@ -22,7 +22,7 @@ Protocol choices (recorded in findings.json): probes use grid `quick` (learning 
 1e-3, dropout 0.5 or 0.75, 30 epochs, the setting chosen on validation per probe, as the paper
 chooses its probe's hyper-parameters on validation). The authors' one setting (grid `none`: lr
 1e-4, 60 epochs of batch 128) was made for MagnaTagATune's 19,000 training tracks; on the demo
-corpus's 650 it takes about 300 steps, too few: it ranks the embeddings by how fast a probe
+corpus's 637 it takes 300 steps, too few: it ranks the embeddings by how fast a probe
 learns from them (mel statistics, 192 dims, gain 33 mAP points on `instrument` with the grid).
 The block x token sweep trains one seed per probe, the headline comparisons (selected blocks,
 presets, baselines) `seeds` seeds. Blocks are selected on VALIDATION mAP averaged over the tasks
