@@ -339,13 +339,18 @@ def _set_up_decoder(parent: int) -> None:
         torch.set_num_threads(1)
 
 
-def _start_decoders(workers: int) -> None:
-    """Start the decoder processes now and have each import the frontend (torch: about 1.5 s),
-    so that this happens while the main process plans rather than before the first track.
-    _decode_all's get_reusable_executor, with the same arguments, then finds them ready."""
+def decoder_pool(workers: int):
+    """The decoder processes (loky's reusable executor): the same arguments find the same running
+    processes, so _start_decoders, _decode_all and mels_bench all share them."""
     from joblib.externals.loky import get_reusable_executor
 
-    pool = get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
+    return get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
+
+
+def _start_decoders(workers: int) -> None:
+    """Start the decoder processes now and have each import the frontend (torch: about 1.5 s),
+    so that this happens while the main process plans rather than before the first track."""
+    pool = decoder_pool(workers)
     for _ in range(workers):
         pool.submit(_set_up_decoder, os.getpid())
 
@@ -384,7 +389,6 @@ def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], I
     depend on --workers.
     """
     def produce(start: int) -> Iterator[tuple]:
-        from joblib.externals.loky import get_reusable_executor
         from joblib.externals.loky.process_executor import BrokenProcessPool
 
         task = _decode_in_worker  # looked up per run (a test swaps in one that crashes)
@@ -398,7 +402,7 @@ def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], I
                 cap = 1 if k < alone_until else 2 * workers
                 try:
                     if pool is None:
-                        pool = get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
+                        pool = decoder_pool(workers)
                     while len(window) < cap and k + len(window) < n:
                         window.append(pool.submit(task, paths[k + len(window)], crop, os.getpid()))
                     result = window[0].result()

@@ -36,37 +36,31 @@ def decode_only(path: str) -> int:
     return sum(len(block) for block in iter_audio(path))
 
 
-def decoders(workers: int):
-    """prepare-mels' decoder pool (loky's reusable executor, the same arguments), so timing the
-    decode limit and the warm runs use the very processes prepare-mels would use."""
-    from joblib.externals.loky import get_reusable_executor
-
-    from .mels import DECODER_IDLE_S
-
-    return get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
-
-
 def stop_decoders(workers: int) -> None:
-    decoders(workers).shutdown(wait=True, kill_workers=True)
+    from .mels import decoder_pool
+
+    decoder_pool(workers).shutdown(wait=True, kill_workers=True)
 
 
 def time_decode(paths: list[str], workers: int) -> tuple[float, float]:
-    """(seconds, audio minutes) for decoding `paths` on warm decoder processes."""
-    pool = decoders(workers)
+    """(seconds, audio minutes) for decoding `paths` on prepare-mels' own decoder processes, warm."""
+    from .audio import SAMPLE_RATE
+    from .mels import decoder_pool
+
+    pool = decoder_pool(workers)
     list(pool.map(decode_only, paths[:workers]))  # started and imported, not timed
     t0 = time.perf_counter()
     samples = sum(pool.map(decode_only, paths))
-    return time.perf_counter() - t0, samples / 16_000 / 60
+    return time.perf_counter() - t0, samples / SAMPLE_RATE / 60
 
 
 def time_prepare(root: Path, out: Path, workers: int, cold: bool) -> tuple[float, float]:
     """(seconds, audio minutes) of one prepare_mels call on `root` into a new `out`."""
+    from .melwriter import SECONDS_PER_FRAME
     from .mels import prepare_mels
 
     if cold:
-        stop_decoders(workers)
-    else:
-        list(decoders(workers).map(decode_only, []))
+        stop_decoders(workers)  # warm: time_decode left them running
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     report = prepare_mels(root, out, crop="full", workers=workers, split_by="none", progress=False)
@@ -74,7 +68,7 @@ def time_prepare(root: Path, out: Path, workers: int, cold: bool) -> tuple[float
     if report["failed"]:
         raise RuntimeError(f"{out}: {report['failed']} tracks failed; see {out / 'errors.tsv'}")
     shutil.rmtree(out)
-    return seconds, report["frames"] * 256 / 16_000 / 60
+    return seconds, report["frames"] * SECONDS_PER_FRAME / 60
 
 
 def run(work: Path, files: int, repeats: int, workers: list[int], formats: list[str], seconds: float = 180) -> dict:
