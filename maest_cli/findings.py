@@ -73,6 +73,7 @@ class FindingsOptions:
     jobs: int = 2  # probe processes (each one thread)
     repeats: int = 5  # bench rounds
     warmup: int = 1
+    compile_baseline: bool = True  # torch.compile EfficientNet-B0 for the bench, as `make bench` does
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -398,7 +399,7 @@ def _num(v) -> bool:
 # ------------------------------------------------------------------ timing
 
 def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, repeats: int, warmup: int,
-                 log: Log) -> dict:
+                 log: Log, compile_baseline: bool = True) -> dict:
     """Model-only audio-min/s of every preset (MAEST to `block`) and of the trained EfficientNet-B0
     on the same segment, timed side by side by maest_cli.bench's machinery."""
     import torch
@@ -416,7 +417,10 @@ def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, 
     quantised = for_inference(net, "int8") if any(dt == "int8" for _, dt in plan) else None
     contenders = [bench.maest_contender(p.name, quantised if dt == "int8" else net, cfg, frames, block, p.patchout,
                                         dt, dev) for p, dt in plan]
-    effnet = bench.effnet_contender(frames, "fp32", dev, model=eff.model)
+    # The baseline gets every trick MAEST gets and those of `maest bench`: the dtype `auto` gives
+    # here (bf16 on CPUs with native bf16), BatchNorm folded, channels_last, torch.compile.
+    effnet = bench.effnet_contender(frames, resolve_dtype("auto", dev), dev, model=eff.model,
+                                    compile_model=compile_baseline)
     effnet.info["weights"] = eff.path
     contenders.append(effnet)
     load_before = os.getloadavg()[0]
@@ -431,7 +435,8 @@ def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, 
             "load_average": {"before": load_before, "after": os.getloadavg()[0]}, "machine": bench.machine_info(),
             "rows": rows, "counting": "model only: one timed call = one segment of the model; MAEST takes it whole "
                                       "(batch 1) up to the block, EfficientNet-B0 takes its 128-frame patches "
-                                      "(hop 62) in one batch; audio-min/s = segment seconds / 60 / median seconds"}
+                                      f"(hop 62) in one batch ({', '.join(effnet.info['tricks'])}); "
+                                      "audio-min/s = segment seconds / 60 / median seconds"}
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -547,12 +552,14 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
                                                           opts.jobs, log))
     head = {k: _scores(hres[j]) for k, j in heads.items()}
 
-    bench_file = work / f"bench-{mkey}-{ekey}-block{pblock:02d}-{'-'.join(preset_names)}.json"
+    effnet_how = "effnet-auto-compiled" if opts.compile_baseline else "effnet-auto"
+    bench_file = work / f"bench-{mkey}-{ekey}-block{pblock:02d}-{'-'.join(preset_names)}-{effnet_how}.json"
 
     def bench_step() -> dict:
         if bench_file.is_file():
             return json.loads(bench_file.read_text())
-        report = bench_models(lm, eff, pblock, preset_names, opts.device, opts.repeats, opts.warmup, log)
+        report = bench_models(lm, eff, pblock, preset_names, opts.device, opts.repeats, opts.warmup, log,
+                              opts.compile_baseline)
         write_json(bench_file, report)
         return report
 

@@ -319,7 +319,8 @@ def options(tmp: Path, model: str, **kw) -> findings_module.FindingsOptions:
     recipe = tmp / "effnet.toml"
     recipe.write_text(EFFNET_RECIPE.format(epochs=1, mixup=0.3, masks=1, swa_start=0, lr=1e-3))
     base = dict(model=model, grid=str(grid), seeds=2, sweep_seeds=1, token_stacks=(("cls",), ("cls", "dist", "avg")),
-                presets=("none", "fast"), effnet_config=str(recipe), jobs=1, repeats=1, warmup=0, batch_size=4)
+                presets=("none", "fast"), effnet_config=str(recipe), jobs=1, repeats=1, warmup=0, batch_size=4,
+                compile_baseline=False)  # torch.compile takes tens of seconds; test_bench covers it
     return findings_module.FindingsOptions(**{**base, **kw})
 
 
