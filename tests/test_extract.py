@@ -173,7 +173,7 @@ def test_file_segments_stream_with_bounded_memory(tmp_path):
 
 def test_schema_metadata_and_all_four_readers(catalogue, tiny, tmp_path):
     out = tmp_path / "out"
-    s = run([catalogue], out, tiny, scores=True)
+    s = run([catalogue], out, tiny, scores=True, dtype="fp32")  # auto: see test_dtype_auto_follows_the_cpu
     assert (s.n_files, s.n_done, s.n_failed, s.n_skipped) == (5, 5, 0, 0) and s.exit_code == 0
     assert s.errors_file is None and s.parts_written == 1 and s.audio_seconds == pytest.approx(37.0, abs=0.01)
     json.loads(s.to_json())

@@ -69,6 +69,7 @@ swa_start = 2
 swa_every = 1
 [run]
 device = "cpu"
+dtype = "fp32"   # the exactness comparisons need it; "auto" would give bf16 on CPUs with native bf16
 threads = 1
 log_every = 1
 save_every = 2
@@ -450,6 +451,21 @@ def test_tiny_model_learns_the_tones(tone_data, recipe, tmp_path):
     assert resolved["dtype"] == "fp32" and resolved["patchout"] == {"drop_time": 3, "drop_freq": 0, "grid": [9, 9]}
     state = torch.load(run / STATE, weights_only=True)
     assert state["finished"] and state["global_step"] == 12 * 6 and state["swa"]["n"] == 3
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_trains_in_bf16_only_on_cpus_that_run_it_natively(tone_data, recipe, tmp_path, monkeypatch,
+                                                                     native):
+    import maest_cli.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    run = tmp_path / "run"
+    train(tone_data, run, recipe, {"dtype": "auto", "epochs": 1}, progress=False)
+    assert json.loads((run / "config.resolved.json").read_text())["dtype"] == ("bf16" if native else "fp32")
+    losses = step_losses(run)
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    # the weights are kept in fp32 whatever the compute dtype (autocast), as the checkpoint says
+    assert all(t.dtype == torch.float32 for t in weights(run / "last.safetensors").values())
 
 
 def test_two_gloo_processes_train_exactly_like_one_with_the_same_global_batch(tone_data, recipe, tmp_path):
