@@ -58,7 +58,8 @@ maest-tiny: corpus
 
 # The paper's findings at small scale (README "Findings"): on the demo corpus (built first when
 # absent), the bundled maest-tiny against EfficientNet-B0 trained here on the same data and budget,
-# random weights and mel statistics; every block and the three fp32 presets probed. Resumable: rerun after a kill.
+# random weights and mel statistics; every block and the three patchout presets probed (at the
+# dtype `auto` gives). Resumable: rerun after a kill.
 findings: corpus
 	$(MAEST) findings findings --corpus $(CORPUS) --jobs $(WORKERS) --presets fast,faster,fastest
 
