@@ -54,7 +54,7 @@ corpus: setup corpus-deps
 maest-tiny: corpus
 	$(MAEST) prepare-mels $(CORPUS)/pretrain --out mels-pretrain --labels $(CORPUS)/pretrain/labels.tsv --crop full --workers $(WORKERS)
 	$(MAEST) train --data mels-pretrain --out runs/maest-tiny --config maest-tiny
-	$(PY) -m maest_cli.bundle runs/maest-tiny maest_cli/weights/maest-tiny --weights best
+	$(PY) -m maest_cli.models.bundle runs/maest-tiny maest_cli/weights/maest-tiny --weights best
 
 # The paper's findings at small scale (README "Findings"): on the demo corpus (built first when
 # absent), the bundled maest-tiny against EfficientNet-B0 trained here on the same data and budget,
@@ -68,20 +68,20 @@ bench: setup
 	$(MAEST) bench --presets all --compile --repeats 7 --out bench.json
 
 bench-audio: setup
-	$(PY) -c "from maest_cli.synth import write_corpus; write_corpus('bench-corpus', 16, min_s=30, max_s=180)"
+	$(PY) -c "from maest_cli.audio.synth import write_corpus; write_corpus('bench-corpus', 16, min_s=30, max_s=180)"
 	$(MAEST) bench --presets all --compile --repeats 7 --audio bench-corpus --plot bench.png --out bench-audio.json
 
 bench-train: setup
-	$(PY) -m maest_cli.train_bench --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
+	$(PY) -m maest_cli.bench.training --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
 
 # prepare-mels against the machine's decode limit: 20 three-minute MP3 and OGG files each, 1 and 2
 # workers, 3 interleaved rounds (issue 4's figures; about 6 minutes).
 bench-mels: setup
-	$(PY) -m maest_cli.mels_bench --files 20 --repeats 3 --work bench-mels-data --out bench-mels.json
+	$(PY) -m maest_cli.bench.mels --files 20 --repeats 3 --work bench-mels-data --out bench-mels.json
 
 # The probe's quick grid on catalogue-sized synthetic embeddings (25,000 x 2304, 50 tags).
 bench-probe: setup
-	$(PY) -m maest_cli.probe_bench --tracks 25000 --dim 2304 --grid quick --seeds 3 --work bench-probe-data --out bench-probe.json
+	$(PY) -m maest_cli.bench.probing --tracks 25000 --dim 2304 --grid quick --seeds 3 --work bench-probe-data --out bench-probe.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-embeddings bench-probe-data bench-mels-data

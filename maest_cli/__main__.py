@@ -1,5 +1,5 @@
 """`python -m maest_cli ...` (torchrun launches workers this way)."""
 
-from .cli import main
+from maest_cli.cli.app import main
 
 main()

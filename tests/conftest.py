@@ -47,8 +47,8 @@ def tiny_model_file(tmp_path):
     """A tiny random MAEST (316-frame segments, 10 labels) in our safetensors format."""
     import torch
 
-    from maest_cli.checkpoints import save_checkpoint
-    from maest_cli.model import MAEST, tiny_config
+    from maest_cli.models.checkpoints import save_checkpoint
+    from maest_cli.models.maest import MAEST, tiny_config
 
     torch.manual_seed(0)
     model = MAEST(tiny_config(frames=316, n_classes=10))

@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from maest_cli.audio import AudioError, audio_info, downmix, iter_audio, load_audio
-from maest_cli.frontend import file_mel, mel_frontend
+from maest_cli.audio.decode import AudioError, audio_info, downmix, iter_audio, load_audio
+from maest_cli.audio.frontend import file_mel, mel_frontend
 
 from conftest import tone_mix, write_audio
 

@@ -9,12 +9,12 @@ import torch
 from conftest import write_audio
 from typer.testing import CliRunner
 
-from maest_cli.bench import (check_targets, count_gflop, effnet_gflop, maest_gflop, model_gflop, n_tokens,
+from maest_cli.bench.throughput import (check_targets, count_gflop, effnet_gflop, maest_gflop, model_gflop, n_tokens,
                              parse_probe_results, run_bench)
-from maest_cli.checkpoints import save_checkpoint
-from maest_cli.cli import app
-from maest_cli.model import MAEST, Patchout, tiny_config
-from maest_cli.runtime import UsageError, quantize_linear_int8, resolve_dtype
+from maest_cli.models.checkpoints import save_checkpoint
+from maest_cli.cli.app import app
+from maest_cli.models.maest import MAEST, Patchout, tiny_config
+from maest_cli.models.precision import UsageError, quantize_linear_int8, resolve_dtype
 
 
 
@@ -64,7 +64,7 @@ def test_flop_counter_matches_a_hand_count_of_a_tiny_vit():
 
 def test_effnet_flops_are_torchvisions():
     """EfficientNet-B0 at 224x224 RGB is 0.39 GMAC (torchvision's table); one 30 s segment is 29 patches."""
-    from maest_cli.effnet import EfficientNetB0, EffNetConfig
+    from maest_cli.models.effnet import EfficientNetB0, EffNetConfig
 
     with torch.device("meta"):
         m = EfficientNetB0(EffNetConfig(in_channels=3, n_classes=1000)).eval()
@@ -101,9 +101,9 @@ def test_int8_is_cpu_only_and_opt_in():
 
 
 def test_extract_runs_the_int8_preset(tiny, songs, tmp_path):
-    from maest_cli.embedding_store import read_metadata
-    from maest_cli.extract import extract
-    from maest_cli.preset_eval import cosine_to_reference
+    from maest_cli.embed.store import read_metadata
+    from maest_cli.embed.extraction import extract
+    from maest_cli.bench.fidelity import cosine_to_reference
 
     a = extract([str(songs)], tmp_path / "fp32", model=tiny, preset="fast", block=3, workers=0, progress=False)
     b = extract([str(songs)], tmp_path / "int8", model=tiny, preset="fast-int8", block=3, workers=0, progress=False)
@@ -116,8 +116,8 @@ def test_extract_runs_the_int8_preset(tiny, songs, tmp_path):
 # ---------------------------------------------------------------- the model stops where it is asked
 
 def test_runner_stops_after_the_block_and_skips_the_head():
-    from maest_cli.extract import ModelRunner
-    from maest_cli.frontend import OFFICIAL_NORM
+    from maest_cli.embed.extraction import ModelRunner
+    from maest_cli.audio.frontend import OFFICIAL_NORM
 
     model = MAEST(tiny_config(frames=316)).eval()
     ran = []
@@ -193,7 +193,7 @@ def test_bench_usage_errors(tiny, tmp_path, monkeypatch, args, words):
 
 
 def test_emulated_bf16_is_refused(monkeypatch):
-    import maest_cli.runtime as rt
+    import maest_cli.models.precision as rt
 
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(UsageError, match="no native bf16"):
@@ -236,7 +236,7 @@ def test_targets_are_judged_from_the_figures():
 @pytest.mark.slow
 def test_compiled_baseline_gives_the_same_embeddings():
     """torch.compile (inductor: needs a C++ compiler, tens of seconds) of the baseline."""
-    from maest_cli.bench import effnet_contender
+    from maest_cli.bench.throughput import effnet_contender
 
     eager = effnet_contender(316, "fp32", torch.device("cpu"))
     compiled = effnet_contender(316, "fp32", torch.device("cpu"), compile_model=True)
@@ -257,7 +257,7 @@ def test_attention_runs_the_flash_kernel_on_cpu():
 
 
 def test_baseline_end_to_end_through_decoder_processes(songs, tmp_path):
-    from maest_cli.bench import effnet_end_to_end
+    from maest_cli.bench.throughput import effnet_end_to_end
 
     bad = tmp_path / "bad.mp3"
     bad.write_bytes(b"not audio at all" * 100)

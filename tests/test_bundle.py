@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from maest_cli.bundle import bundle_run
-from maest_cli.checkpoints import load_checkpoint, save_checkpoint
-from maest_cli.model import MAEST, tiny_config
-from maest_cli.registry import load_model
+from maest_cli.models.bundle import bundle_run
+from maest_cli.models.checkpoints import load_checkpoint, save_checkpoint
+from maest_cli.models.maest import MAEST, tiny_config
+from maest_cli.models.registry import load_model
 
 
 def test_bundle_a_run(tmp_path):

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from maest_cli.checkpoints import (CheckpointError, build_model, hf_config_dict, hf_to_maest,
+from maest_cli.models.checkpoints import (CheckpointError, build_model, hf_config_dict, hf_to_maest,
                                    load_checkpoint, maest_to_hf, save_checkpoint)
-from maest_cli.model import MAEST, VARIANTS, tiny_config
+from maest_cli.models.maest import MAEST, VARIANTS, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

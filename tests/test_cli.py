@@ -7,14 +7,14 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from maest_cli.cli import app
-from maest_cli.presets import get_preset, load_presets
+from maest_cli.cli.app import app
+from maest_cli.models.presets import get_preset, load_presets
 
 runner = CliRunner()
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from maest_cli.cli import app; from typer.testing import CliRunner; "
+    code = ("import sys; from maest_cli.cli.app import app; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules, 'torch imported by --help'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -75,7 +75,7 @@ def test_presets_table_and_overrides():
     p = get_preset("fast", time_keep_every=5)
     assert p.time_keep_every == 5 and p.drop_freq_rows == table["fast"].drop_freq_rows
     assert p.name == "fast+custom"
-    from maest_cli.config import ConfigError
+    from maest_cli.io.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown patchout preset"):
         get_preset("turbo")

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from maest_cli.corpus import (Collection, CorpusConfig, Source, allocate, assign_splits, build_corpus,
+from maest_cli.demo.corpus import (Collection, CorpusConfig, Source, allocate, assign_splits, build_corpus,
                               common_tags, corpus_info, find_sources, load_corpus_config, plan_clips, split_counts)
-from maest_cli.corpus_render import (ENSEMBLES, INSTRUMENTS, RENDER_RATE, FluidSynthRenderer, RenderParams,
+from maest_cli.demo.render import (ENSEMBLES, INSTRUMENTS, RENDER_RATE, FluidSynthRenderer, RenderParams,
                                      assign_instruments, clip_notes, draw_render, finish_audio, midi_file)
-from maest_cli.corpus_scores import (BPM_RANGES, Piece, UnusablePiece, abc_tunes, dominant_meter,
+from maest_cli.demo.scores import (BPM_RANGES, Piece, UnusablePiece, abc_tunes, dominant_meter,
                                      ensemble_size, excerpt_meter, meter_class, mode_of, piece_from_stream,
                                      read_piece, tempo_class)
-from maest_cli.labels import read_label_files
-from maest_cli.runtime import UsageError
+from maest_cli.mels.labels import read_label_files
+from maest_cli.errors import UsageError
 
 # ---------------------------------------------------------------- scores made here
 
@@ -522,7 +522,7 @@ def test_fluidsynth_renders_a_flute_a4_deterministically():
 def test_cli_info_and_usage_errors(score_dirs, tmp_path):
     from typer.testing import CliRunner
 
-    from maest_cli.cli import app
+    from maest_cli.cli.app import app
 
     runner = CliRunner()
     out = tmp_path / "c"

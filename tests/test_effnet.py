@@ -2,7 +2,7 @@
 
 import torch
 
-from maest_cli.effnet import EfficientNetB0, EffNetConfig, mel_patches
+from maest_cli.models.effnet import EfficientNetB0, EffNetConfig, mel_patches
 
 
 def test_same_parameter_count_as_torchvision():
@@ -42,7 +42,7 @@ def _with_random_bn_statistics(model):
 
 def test_inference_tricks_keep_the_outputs():
     """Folded BatchNorm and channels_last change the speed, not the embeddings."""
-    from maest_cli.effnet import fold_batchnorm, for_inference, to_channels_last
+    from maest_cli.models.effnet import fold_batchnorm, for_inference, to_channels_last
 
     torch.manual_seed(0)
     model = _with_random_bn_statistics(EfficientNetB0())
@@ -61,8 +61,8 @@ def test_inference_tricks_keep_the_outputs():
 
 def test_segments_on_the_patch_grid_give_the_tracks_patches():
     """Cut at patch_grid_hop, a track's segments hold exactly the patches of the whole track."""
-    from maest_cli.effnet import n_patches, patch_grid_hop
-    from maest_cli.segments import segment_starts
+    from maest_cli.models.effnet import n_patches, patch_grid_hop
+    from maest_cli.audio.segments import segment_starts
 
     mel = torch.randn(5000, 96)
     whole = mel_patches(mel)
@@ -74,7 +74,7 @@ def test_segments_on_the_patch_grid_give_the_tracks_patches():
 
 
 def test_calibrated_random_weights_keep_unit_scale():
-    from maest_cli.effnet import calibrate_batchnorm
+    from maest_cli.models.effnet import calibrate_batchnorm
 
     torch.manual_seed(0)
     x = mel_patches(torch.randn(600, 96))

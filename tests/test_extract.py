@@ -26,16 +26,16 @@ import torch
 from conftest import tone_mix, write_audio
 from typer.testing import CliRunner
 
-from maest_cli.checkpoints import save_checkpoint, sha256_file
-from maest_cli.cli import app
-from maest_cli.decoders import DecoderPool
-from maest_cli.embedding_store import (EmbeddingStore, SettingsMismatch, Shard, StoreBusy, read_errors,
+from maest_cli.models.checkpoints import save_checkpoint, sha256_file
+from maest_cli.cli.app import app
+from maest_cli.audio.decoders import DecoderPool
+from maest_cli.embed.store import (EmbeddingStore, SettingsMismatch, Shard, StoreBusy, read_errors,
                                        read_metadata)
-from maest_cli.extract import extract, output_schema, parse_shard, shard_of
-from maest_cli.frontend import FRONTEND, file_mel, n_frames, normalize
-from maest_cli.model import MAEST, Patchout, tiny_config
-from maest_cli.segments import SegmentCutter, hop_frames, iter_file_segments, segment_starts
-from maest_cli.walk import find_audio_files
+from maest_cli.embed.extraction import extract, output_schema, parse_shard, shard_of
+from maest_cli.audio.frontend import FRONTEND, file_mel, n_frames, normalize
+from maest_cli.models.maest import MAEST, Patchout, tiny_config
+from maest_cli.audio.segments import SegmentCutter, hop_frames, iter_file_segments, segment_starts
+from maest_cli.audio.walk import find_audio_files
 
 REPO = Path(__file__).resolve().parents[1]
 SEG = 316  # frames per segment of the tiny model
@@ -238,7 +238,7 @@ def test_segment_rows_average_to_the_track_row(catalogue, tiny, tmp_path):
 def _model_track_rows(tiny, path, patchout=None) -> tuple[np.ndarray, np.ndarray]:
     """What extract must give for one file, computed directly: the mean over its segments of
     the model's embedding and of sigmoid(logits), the model run on the normalised frontend output."""
-    from maest_cli.checkpoints import build_model, load_checkpoint
+    from maest_cli.models.checkpoints import build_model, load_checkpoint
 
     model = build_model(load_checkpoint(tiny)).eval()
     mel = normalize(torch.from_numpy(file_mel(path)))
@@ -254,7 +254,7 @@ def _model_track_rows(tiny, path, patchout=None) -> tuple[np.ndarray, np.ndarray
 def test_patchout_none_is_exact_for_short_exact_and_long_files(tiny, tmp_path):
     """fp32 track embeddings == the model's forward on the normalised frontend output; the
     same for preset fast == the forward with Patchout(2, (0, 8)) over the same segments."""
-    from maest_cli.checkpoints import build_model, load_checkpoint
+    from maest_cli.models.checkpoints import build_model, load_checkpoint
 
     d = tmp_path / "a"
     d.mkdir()
@@ -302,7 +302,7 @@ def test_scores_are_the_mean_of_segment_sigmoids(catalogue, tiny, tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_dtype_auto_follows_the_cpu_and_emulated_bf16_is_warned(catalogue, tiny, tmp_path, monkeypatch, native):
-    import maest_cli.runtime as rt
+    import maest_cli.models.precision as rt
 
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
     s = run([catalogue / "a.wav"], tmp_path / "auto", tiny)
@@ -328,7 +328,7 @@ def test_threads_are_set_for_the_run_recorded_and_restored(catalogue, tiny, tmp_
 def test_non_finite_model_output_fails_the_file_not_the_dataset(catalogue, tiny, tmp_path, monkeypatch, where):
     """A second guard behind the frontend's: NaN/inf from the model (here injected into every
     full-length segment) fails those files at stage "model"; no NaN row is written."""
-    import maest_cli.extract as ex
+    import maest_cli.embed.extraction as ex
 
     real = ex.ModelRunner.__call__
 
@@ -440,8 +440,8 @@ def test_unreadable_file_and_directory_permissions(tiny, tmp_path):
             os.chmod(d / "noread.wav", 0o644)
             os.chmod(d / "locked", 0o755)
     else:  # root reads everything: the PermissionErrors a user would meet are injected
-        import maest_cli.audio as audio
-        import maest_cli.walk as walk
+        import maest_cli.audio.decode as audio
+        import maest_cli.audio.walk as walk
 
         real_scandir, real_soundfile = os.scandir, audio.sf.SoundFile
 
@@ -483,7 +483,7 @@ def test_walk_order_filter_hidden_and_symlink_loops(tmp_path):
     assert [f.path for f in only_mp3] == ["a.mp3", "a/b.MP3", "z.mp3"]
     again, _ = find_audio_files([d / "z.mp3", d, d / "notes.txt"])  # files named explicitly are taken
     assert again[0].path == "z.mp3" and again[-1].path == "notes.txt" and len(again) == 6
-    from maest_cli.runtime import UsageError
+    from maest_cli.errors import UsageError
 
     with pytest.raises(UsageError, match="no such file"):
         find_audio_files([d / "missing"])
@@ -564,7 +564,7 @@ def test_the_errors_file_reads_back_names_with_quotes_tabs_and_newlines(tiny, tm
 def test_a_failed_write_names_the_file_and_leaves_no_temporary(catalogue, tiny, tmp_path, monkeypatch):
     """Disk full while writing a part: one line naming the file, exit 1, no .tmp left (no
     second attempt at the end), the finished files stay staged and the rerun completes."""
-    import maest_cli.embedding_store as es
+    import maest_cli.embed.store as es
 
     def disk_full(table, where, **kw):
         where.write(b"PAR1 half a part")
@@ -771,7 +771,7 @@ def test_shard_parsing_and_torchrun_environment(monkeypatch):
     assert parse_shard(None) == Shard(2, 3)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert parse_shard(None) is None
-    from maest_cli.runtime import UsageError
+    from maest_cli.errors import UsageError
 
     for bad in ("2/2", "a/b", "1", "-1/2"):
         with pytest.raises(UsageError):
@@ -863,7 +863,7 @@ def test_decoders_that_keep_dying_stop_the_run_with_one_line(catalogue, tiny, tm
     """DecodersDied (an OSError) from the pool: exit code 1 and one line, not a traceback or a spin."""
     import functools
 
-    import maest_cli.extract as ex
+    import maest_cli.embed.extraction as ex
 
     monkeypatch.setattr(ex, "DecoderPool", functools.partial(DecoderPool, worker_main=_die_at_once))
     r = runner.invoke(app, ["extract", str(catalogue), "--out", str(tmp_path / "o"), "--model", tiny, "--block", "2",
@@ -892,8 +892,8 @@ class _Scripted:
 def test_a_retried_file_forgets_the_segments_it_had_sent(catalogue, tiny, tmp_path, monkeypatch, batch_size):
     """Garbage segments, then ("retry"), then the real stream: the rows equal a clean run's
     (whether the garbage was already through the model or still waiting in a batch)."""
-    import maest_cli.extract as ex
-    from maest_cli.decoders import InlineDecoder
+    import maest_cli.embed.extraction as ex
+    from maest_cli.audio.decoders import InlineDecoder
 
     ref = table(run([catalogue / "b" / "c.flac"], tmp_path / "ref", tiny, scores=True).out)
     junk = np.full((SEG, 96), 7.0, np.float32)
@@ -906,7 +906,7 @@ def test_a_retried_file_forgets_the_segments_it_had_sent(catalogue, tiny, tmp_pa
 
 
 def test_a_source_that_ends_early_is_an_error_not_a_spin(catalogue, tiny, tmp_path, monkeypatch):
-    import maest_cli.extract as ex
+    import maest_cli.embed.extraction as ex
 
     class Empty:
         exhausted, peak_rss_mb = True, 0.0
@@ -1005,8 +1005,8 @@ def test_output_schema_shapes():
 # ---------------------------------------------------------------- measurement helpers
 
 def test_synthesizer_is_deterministic_and_fidelity_runs(tiny, tmp_path):
-    from maest_cli.preset_eval import evaluate_presets
-    from maest_cli.synth import random_song, render, write_corpus
+    from maest_cli.bench.fidelity import evaluate_presets
+    from maest_cli.audio.synth import random_song, render, write_corpus
 
     spec = random_song(3, 4.0, 5.0)
     x = render(spec, 16000)
@@ -1023,8 +1023,8 @@ def test_synthesizer_is_deterministic_and_fidelity_runs(tiny, tmp_path):
 
 
 def test_preset_eval_reference_is_always_fp32(monkeypatch):
-    import maest_cli.runtime as rt
-    from maest_cli.preset_eval import preset_dtype
+    import maest_cli.models.precision as rt
+    from maest_cli.bench.fidelity import preset_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)
@@ -1039,7 +1039,7 @@ def test_preset_eval_reference_is_always_fp32(monkeypatch):
 def test_peak_rss_of_a_60_minute_mp3_stays_under_2_gb(tmp_path):
     """The full-size 30 s model (random weights) at preset none on one 60-minute MP3.
     MAEST_LONG_MINUTES shortens it for a quick look."""
-    from maest_cli.model import VARIANTS
+    from maest_cli.models.maest import VARIANTS
 
     minutes = float(os.environ.get("MAEST_LONG_MINUTES", "60"))
     model = save_checkpoint(tmp_path / "maest30s-random.safetensors", MAEST(VARIANTS["30s"]), labels=None)

@@ -19,18 +19,18 @@ import torch
 from conftest import write_audio
 from typer.testing import CliRunner
 
-import maest_cli.findings as findings_module
-from maest_cli.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from maest_cli.cli import app
-from maest_cli.config import ConfigError
-from maest_cli.embed_sweep import (TOKEN_STACKS, EffNetEmbedder, MaestSweep, MelCache, MelStatsEmbedder, block_dir,
+import maest_cli.demo.findings as findings_module
+from maest_cli.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from maest_cli.cli.app import app
+from maest_cli.io.config import ConfigError
+from maest_cli.embed.sweep import (TOKEN_STACKS, EffNetEmbedder, MaestSweep, MelCache, MelStatsEmbedder, block_dir,
                                    run_sweep)
-from maest_cli.embedding_store import read_errors, read_metadata
-from maest_cli.extract import extract
-from maest_cli.frontend import file_mel
-from maest_cli.model import MAEST, tiny_config
-from maest_cli.registry import load_model
-from maest_cli.train_config import TrainConfig, load_train_config
+from maest_cli.embed.store import read_errors, read_metadata
+from maest_cli.embed.extraction import extract
+from maest_cli.audio.frontend import file_mel
+from maest_cli.models.maest import MAEST, tiny_config
+from maest_cli.models.registry import load_model
+from maest_cli.training.config import TrainConfig, load_train_config
 
 BANDS_HZ = (250, 700, 1800, 4500)
 LABELS = ["band0", "band1", "band2", "band3"]
@@ -175,7 +175,7 @@ def test_every_block_of_one_forward_equals_extract_of_that_block(tmp_path, tiny_
         again = extract([str(audio)], str(full), model=tiny_model, block=k, workers=0, progress=False)
         assert (again.n_files, again.n_skipped, again.n_done) == (3, 3, 0)
         ours, theirs = read_metadata(full), read_metadata(ref)
-        assert ours.pop("made_by").startswith("maest_cli.embed_sweep")
+        assert ours.pop("made_by").startswith("maest_cli.embed.sweep")
         for key in ("runtime", "versions"):
             ours.pop(key), theirs.pop(key)
         assert ours == theirs
@@ -217,9 +217,9 @@ def test_sweep_killed_midway_resumes_to_the_same_datasets(tmp_path, tiny_model):
 
 
 def test_effnet_and_mel_stats_rows_are_what_they_say(tmp_path, tiny_model):
-    from maest_cli.effnet import mel_patches
-    from maest_cli.effnet_train import build_tagger, load_effnet, save_effnet_checkpoint
-    from maest_cli.frontend import InputNorm
+    from maest_cli.models.effnet import mel_patches
+    from maest_cli.training.effnet import build_tagger, load_effnet, save_effnet_checkpoint
+    from maest_cli.audio.frontend import InputNorm
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -256,10 +256,10 @@ def test_effnet_and_mel_stats_rows_are_what_they_say(tmp_path, tiny_model):
 # ------------------------------------------------------------------ EfficientNet-B0 in `maest train`
 
 def test_effnet_trains_in_maest_train_loss_falls_and_checkpoints_reload(tmp_path, corpus, monkeypatch):
-    import maest_cli.train as train_module
-    from maest_cli.effnet_train import FORMAT, load_effnet
-    from maest_cli.mels import prepare_mels
-    from maest_cli.train import METRICS, train
+    import maest_cli.training.loop as train_module
+    from maest_cli.training.effnet import FORMAT, load_effnet
+    from maest_cli.mels.prepare import prepare_mels
+    from maest_cli.training.loop import METRICS, train
 
     monkeypatch.setattr(train_module, "SWA_BN_CROPS", 16)  # 512 in a real run
 
@@ -300,7 +300,7 @@ def test_effnet_recipe_refuses_maest_only_keys(tmp_path):
 
 
 def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_batches():
-    from maest_cli.effnet_train import recalibrate_batchnorm
+    from maest_cli.training.effnet import recalibrate_batchnorm
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.BatchNorm2d(2, momentum=0.01),
                               torch.nn.Dropout(0.9))
@@ -403,7 +403,7 @@ def test_pipeline_killed_in_a_step_redoes_only_what_was_not_finished(pipeline):
 
 def test_rerun_of_a_finished_pipeline_computes_nothing(pipeline, corpus, monkeypatch):
     out, opts, calls, f = pipeline
-    import maest_cli.train as train_module
+    import maest_cli.training.loop as train_module
 
     def nothing(*a, **k):
         raise AssertionError("recomputed a cached step")
@@ -424,7 +424,7 @@ def test_a_work_dir_of_another_corpus_is_refused(pipeline, tmp_path):
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["created"] = "2027-01-01T00:00:00+00:00"
     (other / "manifest.json").write_text(json.dumps(manifest))
-    from maest_cli.runtime import UsageError
+    from maest_cli.errors import UsageError
 
     with pytest.raises(UsageError, match="another corpus"):
         findings_module.run_findings(other, out, options=opts, log=lambda m: None)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from maest_cli import frontend
-from maest_cli.frontend import StreamingMel, mel_frontend, n_frames, normalize
+from maest_cli.audio import frontend
+from maest_cli.audio.frontend import StreamingMel, mel_frontend, n_frames, normalize
 
 es = pytest.importorskip("essentia.standard")
 SR = 16000

@@ -1,4 +1,4 @@
-"""maest_cli.labels: the one reader per label-file format shared by prepare-mels and probe."""
+"""maest_cli.mels.labels: the one reader per label-file format shared by prepare-mels and probe."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from maest_cli.labels import (LabelRow, audio_key, detect_format, match_audio, merge_rows, mtt_directory_split,
+from maest_cli.mels.labels import (LabelRow, audio_key, detect_format, match_audio, merge_rows, mtt_directory_split,
                               mtt_split_of, normalize_path, read_label_file, read_label_files, split_name,
                               top_k_tags)
-from maest_cli.probe_data import load_annotations
-from maest_cli.runtime import UsageError
+from maest_cli.probing.data import load_annotations
+from maest_cli.errors import UsageError
 
 PROBE_FIX = Path(__file__).parent / "fixtures" / "probe"
 MELS_FIX = Path(__file__).parent / "fixtures" / "mels"
@@ -182,7 +182,7 @@ def test_match_audio_prefers_exact_paths_and_reports_clashes():
 def test_both_commands_stop_on_an_unreadable_label_file_with_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from maest_cli.cli import app
+    from maest_cli.cli.app import app
 
     bad = tmp_path / "labels.tsv"
     bad.write_bytes(b"path\tsplit\ttags\nx\xff.wav\ttrain\trock\n")

@@ -24,15 +24,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from maest_cli import melwriter
-from maest_cli.audio import load_audio
-from maest_cli.cli import app
-from maest_cli.frontend import mel_frontend, n_frames
-from maest_cli.labels import match_audio, read_label_files
-from maest_cli.meldataset import FRAME_BYTES, MelDataset
-from maest_cli.mels import (Crop, assign_splits, build_plan, merge_datasets, parse_size, prepare_mels,
+from maest_cli.mels import writer as melwriter
+from maest_cli.audio.decode import load_audio
+from maest_cli.cli.app import app
+from maest_cli.audio.frontend import mel_frontend, n_frames
+from maest_cli.mels.labels import match_audio, read_label_files
+from maest_cli.mels.dataset import FRAME_BYTES, MelDataset
+from maest_cli.mels.prepare import (Crop, assign_splits, build_plan, merge_datasets, parse_size, prepare_mels,
                             verify_dataset)
-from maest_cli.runtime import UsageError
+from maest_cli.errors import UsageError
 
 from conftest import write_audio
 
@@ -206,7 +206,7 @@ def test_symlink_loops_and_unreadable_directories_are_reported_not_followed(tmp_
     """The walk is extract's (walk.py): a link back up the tree is reported, not followed (it
     once turned 1 file into 41 tracks); an unreadable directory is an error of the run (its audio
     is missing); a name that is not UTF-8 is stored escaped and still decoded."""
-    import maest_cli.walk as walk
+    import maest_cli.audio.walk as walk
 
     root = tmp_path / "audio"
     (root / "a" / "deep").mkdir(parents=True)
@@ -324,7 +324,7 @@ def test_files_that_cannot_seek_give_the_same_frames(tmp_path, monkeypatch):
     the start; it must store the frames the seeking path stores (same start, same edges)."""
     import soundfile
 
-    from maest_cli import mels
+    from maest_cli.mels import prepare as mels
 
     crop = Crop.parse("center:3")
     files = [write_audio(tmp_path / "s16.wav", 7.3, sr=16000, seed=1),  # no resampling
@@ -527,7 +527,7 @@ def test_verify_catches_a_truncated_shard_and_nan(corpus, tmp_path):
 def _run_and_kill(corpus, out: Path, target: int, workers: int) -> tuple[subprocess.Popen, list[int]]:
     """Run prepare_mels in a subprocess and SIGKILL its main process once the journal has `target`
     tracks (0: as soon as _work exists). Returns the process and the decode workers seen."""
-    code = (f"from maest_cli.mels import prepare_mels; prepare_mels({str(corpus['audio'])!r}, {str(out)!r}, "
+    code = (f"from maest_cli.mels.prepare import prepare_mels; prepare_mels({str(corpus['audio'])!r}, {str(out)!r}, "
             f"labels={str(corpus['labels'])!r}, commit_every=1, workers={workers}, **{OPTIONS!r})")
     journal = out / "_work" / "journal"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -738,7 +738,7 @@ def _decode_or_die(path: str, crop, parent: int):
     import ctypes
     import resource
 
-    from maest_cli import mels
+    from maest_cli.mels import prepare as mels
 
     if path.endswith("b1.mp3"):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
@@ -755,7 +755,7 @@ def test_a_decoder_that_dies_fails_its_track_not_the_run(corpus, tmp_path, monke
     again alone: killed once, it is stored as if nothing happened; dying alone, it is failed and
     the run goes on. Crashes on track after track stop the run (the machine, not the files) with
     those tracks journalled as failed, so a rerun finishes it."""
-    from maest_cli import mels
+    from maest_cli.mels import prepare as mels
 
     audio = tmp_path / "audio"
     shutil.copytree(corpus["audio"], audio)
@@ -839,7 +839,7 @@ def test_mels_bench_compares_each_run_with_the_decode_limit_of_its_round(tmp_pat
     """`make bench-mels` on two short files, one round: every figure is a positive rate, the
     shares are the runs' rates over the decode-only rate of the same round, and the datasets it
     made are gone."""
-    from maest_cli import mels_bench
+    from maest_cli.bench import mels as mels_bench
 
     result = mels_bench.run(tmp_path, files=2, repeats=1, workers=[1], formats=["ogg"], seconds=4)
     (row,) = result["rows"]

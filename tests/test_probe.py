@@ -16,14 +16,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from maest_cli.cli import app
-from maest_cli.probe import load_probe, probe
-from maest_cli.config import ConfigError
-from maest_cli.probe_train import (ProbeConfig, ProbeData, Protocol, SplitData, column_stats, load_grid, logits_of,
+from maest_cli.cli.app import app
+from maest_cli.probing.run import load_probe, probe
+from maest_cli.io.config import ConfigError
+from maest_cli.probing.fit import (ProbeConfig, ProbeData, Protocol, SplitData, column_stats, load_grid, logits_of,
                                    lr_factor, train_run)
-from maest_cli.probe_data import (ProbeError, UsageError, describe_embeddings, join_tracks, load_annotations,
+from maest_cli.probing.data import (ProbeError, UsageError, describe_embeddings, join_tracks, load_annotations,
                                   open_embeddings)
-from maest_cli.probe_metrics import fast_macro_roc_auc, macro_scores, per_tag_scores
+from maest_cli.probing.metrics import fast_macro_roc_auc, macro_scores, per_tag_scores
 
 FIX = Path(__file__).parent / "fixtures" / "probe"
 META = {"model": "maest-30s-pw", "block": 7, "tokens": ["cls", "dist", "avg"], "preset": "none"}
@@ -421,7 +421,7 @@ def test_learning_rate_schedule():
                                           for e in range(12)])
     name, proto, configs = load_grid("paper")
     assert len(configs) == 3 * 6 * 2 * 4 and proto == Protocol()
-    from maest_cli.config import read_toml
+    from maest_cli.io.config import read_toml
 
     assert read_toml("probe.toml")["protocol"] == Protocol().to_dict()  # the shipped table, spelled out
     assert load_grid("none")[2] == [ProbeConfig(128, 60, 0.5, 1e-4)]
@@ -602,7 +602,7 @@ def test_outputs_weights_resume_and_compare(tmp_path):
     state_dir = out2 / ".probe-state"
     assert (state_dir / "state.json").is_file() and (state_dir / "best.safetensors").is_file()
     # the state of another tool version is not reused, nor silently thrown away
-    import maest_cli.probe as probe_module
+    import maest_cli.probing.run as probe_module
 
     real_version = probe_module._tool_version
     probe_module._tool_version = lambda: "0.0.0-other"
@@ -627,11 +627,11 @@ def test_outputs_weights_resume_and_compare(tmp_path):
     assert again["grid"]["points"] == full["grid"]["points"] and again["test"] == full["test"]
     assert not (out2 / ".probe-state").exists()
     # results.json names the weights next to it by checksum
-    from maest_cli.artefacts import sha256_file
+    from maest_cli.io.artefacts import sha256_file
 
     assert again["weights_sha256"] == sha256_file(out2 / "probe.safetensors")
     # a state is only reused for the very same inputs: touching an embeddings file invalidates it
-    from maest_cli.probe import _fingerprint
+    from maest_cli.probing.run import _fingerprint
 
     part = next(emb.glob("*.parquet"))
     before = _fingerprint("x", [part])
@@ -709,7 +709,7 @@ def test_cli_probe_and_errors(tmp_path):
 # ---------------------------------------------------------------- --audio-root (extract first)
 
 def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
-    """A stand-in for `maest_cli.extract.extract` with its agreed signature: probe must call it
+    """A stand-in for `maest_cli.embed.extraction.extract` with its agreed signature: probe must call it
     on the audio root with the paper's pooling, then read what it wrote."""
     x, y, splits = linear_task(n=800, seed=6)
     paths = [f"{i % 100:02d}/{i}.wav" for i in range(len(x))]
@@ -717,7 +717,7 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
     audio = tmp_path / "audio"
     audio.mkdir()
     calls = []
-    from maest_cli.extract import ExtractSummary
+    from maest_cli.embed.extraction import ExtractSummary
 
     failures = [0]
 
@@ -732,7 +732,7 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
         return ExtractSummary(out=out, n_files=len(paths) + failures[0], n_done=len(paths), n_failed=failures[0],
                               errors_file=str(Path(out) / "errors.tsv") if failures[0] else None)
 
-    monkeypatch.setitem(sys.modules, "maest_cli.extract", types.SimpleNamespace(extract=fake_extract))
+    monkeypatch.setitem(sys.modules, "maest_cli.embed.extraction", types.SimpleNamespace(extract=fake_extract))
     r = CliRunner().invoke(app, ["probe", "custom", "--audio-root", str(audio), "--dataset-root", str(labels),
                                  "--grid", tiny_grid(tmp_path, epochs=(6,)), "--seeds", "1", "--device", "cpu",
                                  "--out", str(tmp_path / "res"), "--model", "tiny.safetensors", "--block", "5"])
@@ -758,7 +758,7 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
 
 def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
     """End to end with the real `maest extract` and a tiny random model (skipped until it exists)."""
-    pytest.importorskip("maest_cli.extract")
+    pytest.importorskip("maest_cli.embed.extraction")
     from conftest import write_audio
 
     audio = tmp_path / "audio"
@@ -778,7 +778,7 @@ def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
 
 
 def test_probe_bench_runs_the_probe_on_its_synthetic_dataset(tmp_path):
-    from maest_cli import probe_bench
+    from maest_cli.bench import probing as probe_bench
 
     out = tmp_path / "bench.json"
     grid = tiny_grid(tmp_path, lrs=(3e-3,), epochs=(20,))

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from maest_cli.model import MAEST, MaestConfig
-from maest_cli.registry import (DownloadError, ModelNotFound, download_file, load_model, load_registry,
+from maest_cli.models.maest import MAEST, MaestConfig
+from maest_cli.models.registry import (DownloadError, ModelNotFound, download_file, load_model, load_registry,
                                 resolve_weights)
 
 
@@ -141,7 +141,7 @@ def test_load_model_by_name_downloads_into_cache(server, tmp_path, tiny_official
 def test_falls_back_to_hugging_face(server, tmp_path, tiny_official, monkeypatch):
     from safetensors.torch import save_file
 
-    from maest_cli.checkpoints import hf_config_dict, maest_to_hf
+    from maest_cli.models.checkpoints import hf_config_dict, maest_to_hf
 
     model, _, labels = tiny_official
     monkeypatch.delenv("MAEST_OFFLINE")
@@ -200,7 +200,7 @@ def test_official_registry_is_complete():
 def test_bundled_model_loads_offline_from_the_package(tmp_path, tiny_model_file, monkeypatch):
     import shutil
 
-    import maest_cli.registry as registry
+    import maest_cli.models.registry as registry
 
     weights = tmp_path / "weights"
     weights.mkdir()

@@ -22,17 +22,17 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-import maest_cli.train as train_module
-from maest_cli.cli import app
-from maest_cli.config import ConfigError
-from maest_cli.frontend import OFFICIAL_NORM, InputNorm, file_mel
-from maest_cli.model import MAEST, random_patchout, tiny_config
-from maest_cli.train import (METRICS, RESOLVED, STATE, SwaAverage, lr_factor, swa_due, tagging_scores, train,
+import maest_cli.training.loop as train_module
+from maest_cli.cli.app import app
+from maest_cli.io.config import ConfigError
+from maest_cli.audio.frontend import OFFICIAL_NORM, InputNorm, file_mel
+from maest_cli.models.maest import MAEST, random_patchout, tiny_config
+from maest_cli.training.loop import (METRICS, RESOLVED, STATE, SwaAverage, lr_factor, swa_due, tagging_scores, train,
                              worker_argv)
-from maest_cli.train_config import TrainConfig, load_train_config, parse_set
-from maest_cli.train_data import (TIME_MASK_MAX_SHARE, BatchLayout, class_weights, draw_epoch, mixup, mixup_lambda,
+from maest_cli.training.config import TrainConfig, load_train_config, parse_set
+from maest_cli.training.data import (TIME_MASK_MAX_SHARE, BatchLayout, class_weights, draw_epoch, mixup, mixup_lambda,
                                   patchout_generator, spec_augment, track_weights)
-from maest_cli.train_init import (deit_to_maest, detect_init_kind, init_model, passt_to_maest,
+from maest_cli.training.warmstart import (deit_to_maest, detect_init_kind, init_model, passt_to_maest,
                                   separate_pos_grid)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def tone(bands: list[int], rng: np.random.Generator, seconds: float = 1.6, ampli
 def tone_dataset(root: Path, n: int, split_of, bands_of, amplitude: float = 1.0) -> str:
     """n generated tracks of 1.6 s through `prepare_mels`; split_of(i) and bands_of(i, rng) say
     where track i goes and which bands sound in it (its labels)."""
-    from maest_cli.mels import prepare_mels
+    from maest_cli.mels.prepare import prepare_mels
 
     audio = root / "audio"
     audio.mkdir()
@@ -435,7 +435,7 @@ def test_tiny_model_learns_the_tones(tone_data, recipe, tmp_path):
     assert ep[-1]["swa"]["roc_auc"] > 0.9 and ep[-1]["swa_snapshots"] == 3
 
     # The checkpoints load as models anywhere a model is accepted, with labels and provenance.
-    from maest_cli.registry import load_model
+    from maest_cli.models.registry import load_model
 
     for kind in ("last", "best", "swa"):
         lm = load_model(str(run / f"{kind}.safetensors"))
@@ -456,7 +456,7 @@ def test_tiny_model_learns_the_tones(tone_data, recipe, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_dtype_auto_trains_in_bf16_only_on_cpus_that_run_it_natively(tone_data, recipe, tmp_path, monkeypatch,
                                                                      native):
-    import maest_cli.runtime as rt
+    import maest_cli.models.precision as rt
 
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
     run = tmp_path / "run"
@@ -566,8 +566,8 @@ def test_cli_refuses_bad_runs_with_usage_errors(tone_data, recipe, tmp_path):
 
 
 def test_train_bench_step_runs_with_and_without_patchout():
-    from maest_cli.train import make_optimizer
-    from maest_cli.train_bench import train_step_seconds
+    from maest_cli.training.loop import make_optimizer
+    from maest_cli.bench.training import train_step_seconds
 
     model = MAEST(tiny_config(frames=96, n_classes=4))
     opt = make_optimizer(model, TrainConfig(variant="tiny"))
@@ -582,9 +582,9 @@ def test_train_bench_step_runs_with_and_without_patchout():
 def test_extract_embeds_a_trained_model_with_its_training_input_scaling(quiet_data, recipe, tmp_path):
     """Train on a dataset whose stats are far from the official constants; `maest extract
     --model RUN/best.safetensors` must scale its input with the dataset's mean and std."""
-    from maest_cli.checkpoints import build_model, load_checkpoint
-    from maest_cli.embedding_store import read_metadata
-    from maest_cli.extract import extract
+    from maest_cli.models.checkpoints import build_model, load_checkpoint
+    from maest_cli.embed.store import read_metadata
+    from maest_cli.embed.extraction import extract
 
     run = tmp_path / "run"
     train(quiet_data, run, recipe, {"epochs": 1, "epoch_len": 8, "swa_start": 0}, progress=False)
@@ -619,7 +619,7 @@ def test_unscorable_validation_still_writes_best_and_warns_once(quiet_data, reci
     ep = epochs_of(run)
     assert [e["val"]["map"] for e in ep] == [None, None]
     assert summary["best"] == {"metric": "map", "value": None, "epoch": 2}  # best follows last
-    from maest_cli.registry import load_model
+    from maest_cli.models.registry import load_model
 
     assert json.loads(load_model(str(run / "best.safetensors")).metadata["epoch"]) == 2
     assert weights(run / "best.safetensors").keys() == weights(run / "last.safetensors").keys()
@@ -720,7 +720,7 @@ def test_launched_workers_get_the_command_line_minus_nproc():
 
 
 def test_train_bench_headline_is_time_patchout_only():
-    from maest_cli.train_bench import bench_settings
+    from maest_cli.bench.training import bench_settings
 
     assert bench_settings(90, 3) == {"no patchout": (0, 0), "patchout -90t": (90, 0), "patchout -90t -3f": (90, 3)}
     assert list(bench_settings(90, 0).values()) == [(0, 0), (90, 0)]

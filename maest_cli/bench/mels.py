@@ -1,0 +1,156 @@
+"""How close `maest prepare-mels` comes to the machine's decode limit (issue 4), as ratios
+measured in the same rounds.
+
+For each format (MP3, OGG) and worker count (1, 2), interleaved over --repeats rounds:
+- decode limit: the same files decoded, downmixed and resampled to 16 kHz mono (audio.iter_audio:
+  soundfile + soxr) by `workers` processes that are already running, no mel, nothing written;
+- prepare-mels, cold: `maest_cli.prepare_mels(..., crop="full")` into a new directory, its
+  decoder processes started by the call, as a user's run (without the interpreter's start-up
+  and imports, about 2 s, which the command adds once);
+- prepare-mels, warm: the same with the decoder processes already running, which is what a
+  catalogue-sized run approaches (start-up paid once for thousands of files).
+Audio-minutes per second, median and min-max, and each as a share of the round's decode limit.
+The files are 44.1 kHz stereo songs from synth.py (3 minutes each by default), written once to --work.
+Not a test: run it on a quiet machine.
+
+    .venv/bin/python -m maest_cli.bench.mels --files 20 --repeats 3 --out bench-mels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+FORMATS = ("mp3", "ogg")
+
+
+def decode_only(path: str) -> int:
+    """What prepare-mels must do before its mel, for one whole file: 16 kHz samples made."""
+    from maest_cli.audio.decode import iter_audio
+
+    return sum(len(block) for block in iter_audio(path))
+
+
+def stop_decoders(workers: int) -> None:
+    from maest_cli.mels.prepare import decoder_pool
+
+    decoder_pool(workers).shutdown(wait=True, kill_workers=True)
+
+
+def time_decode(paths: list[str], workers: int) -> tuple[float, float]:
+    """(seconds, audio minutes) for decoding `paths` on prepare-mels' own decoder processes, warm."""
+    from maest_cli.audio.decode import SAMPLE_RATE
+    from maest_cli.mels.prepare import decoder_pool
+
+    pool = decoder_pool(workers)
+    list(pool.map(decode_only, paths[:workers]))  # started and imported, not timed
+    t0 = time.perf_counter()
+    samples = sum(pool.map(decode_only, paths))
+    return time.perf_counter() - t0, samples / SAMPLE_RATE / 60
+
+
+def time_prepare(root: Path, out: Path, workers: int, cold: bool) -> tuple[float, float]:
+    """(seconds, audio minutes) of one prepare_mels call on `root` into a new `out`."""
+    from maest_cli.mels.writer import SECONDS_PER_FRAME
+    from maest_cli.mels.prepare import prepare_mels
+
+    if cold:
+        stop_decoders(workers)  # warm: time_decode left them running
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    report = prepare_mels(root, out, crop="full", workers=workers, split_by="none", progress=False)
+    seconds = time.perf_counter() - t0
+    if report["failed"]:
+        raise RuntimeError(f"{out}: {report['failed']} tracks failed; see {out / 'errors.tsv'}")
+    shutil.rmtree(out)
+    return seconds, report["frames"] * SECONDS_PER_FRAME / 60
+
+
+def run(work: Path, files: int, repeats: int, workers: list[int], formats: list[str], seconds: float = 180) -> dict:
+    from maest_cli.io.artefacts import tool_versions
+    from maest_cli.audio.synth import write_corpus
+
+    roots = {}
+    for i, fmt in enumerate(formats):
+        roots[fmt] = work / fmt
+        write_corpus(roots[fmt], files, formats=(fmt,), min_s=seconds, max_s=seconds, seed=i + 1)
+    rates: dict[str, list[float]] = {}
+    load_before = os.getloadavg()
+    for r in range(repeats):
+        for fmt in formats:
+            paths = sorted(str(p) for p in roots[fmt].iterdir() if p.suffix == f".{fmt}")
+            for w in workers:
+                for kind in ("decode", "cold", "warm"):
+                    if kind == "decode":
+                        took, minutes = time_decode(paths, w)
+                    else:
+                        took, minutes = time_prepare(roots[fmt], work / "out", w, cold=kind == "cold")
+                    rates.setdefault(f"{fmt}/{w}/{kind}", []).append(minutes / took)
+                    print(f"round {r + 1}: {fmt}, {w} worker(s), {kind}: {minutes / took:.2f} audio-min/s",
+                          file=sys.stderr)
+        for w in workers:
+            stop_decoders(w)
+    rows = []
+    for fmt in formats:
+        for w in workers:
+            limit = rates[f"{fmt}/{w}/decode"]
+            row = {"format": fmt, "workers": w}
+            for kind in ("decode", "cold", "warm"):
+                xs = rates[f"{fmt}/{w}/{kind}"]
+                row[kind] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+                if kind != "decode":
+                    shares = [x / d for x, d in zip(xs, limit)]
+                    row[f"{kind}_share"] = {"median": statistics.median(shares), "min": min(shares),
+                                            "max": max(shares)}
+            rows.append(row)
+    return {"what": "prepare-mels (crop full) vs decode+resample only, audio-minutes per second",
+            "files_per_format": files, "seconds_per_file": seconds, "source": "44.1 kHz stereo, maest_cli.audio.synth",
+            "repeats": repeats, "cpu_count": os.cpu_count(), "load_average_before": load_before,
+            "load_average_after": os.getloadavg(), "versions": tool_versions(), "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = ["| format | workers | decode limit | prepare-mels cold | share | prepare-mels warm | share |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(s: dict, pct: bool = False) -> str:
+        k = 100 if pct else 1
+        unit = "%" if pct else ""
+        return f"{k * s['median']:.{0 if pct else 2}f}{unit} ({k * s['min']:.{0 if pct else 2}f}-{k * s['max']:.{0 if pct else 2}f})"
+
+    for r in result["rows"]:
+        lines.append(f"| {r['format'].upper()} | {r['workers']} | {fmt(r['decode'])} | {fmt(r['cold'])} | "
+                     f"{fmt(r['cold_share'], True)} | {fmt(r['warm'])} | {fmt(r['warm_share'], True)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=20, help="files per format")
+    ap.add_argument("--seconds", type=float, default=180, help="length of each file")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--work", type=Path, default=Path("bench-mels-data"))
+    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = ap.parse_args(argv)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.files < 2 or args.repeats < 1 or not set(formats) <= set(FORMATS):
+        ap.error(f"--files >= 2, --repeats >= 1, --formats from {', '.join(FORMATS)}")
+    result = run(args.work, args.files, args.repeats, [int(w) for w in args.workers.split(",")], formats,
+                 args.seconds)
+    print(table(result))
+    if args.out:
+        from maest_cli.io.artefacts import write_json
+
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

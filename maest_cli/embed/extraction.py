@@ -1,0 +1,534 @@
+"""`maest extract`: directories of audio to a Parquet dataset of MAEST embeddings.
+
+Decoder processes (`decoders.py`) turn files into log-mel segments (`segments.py`:
+the segmentation rule) and send them, a few segments ahead, to the main process, which
+batches segments, runs the model, pools per file and hands rows to the EmbeddingStore
+(`embedding_store.py`: atomic part files, resume, shards). Decoding thus overlaps the model,
+memory stays bounded whatever the file length, and a bad file costs that file only.
+
+Track rows are the mean of the segment embeddings; with --scores, the mean of per-segment
+sigmoid activations. --pool segment keeps one row per segment instead. A file whose
+embedding or scores come out non-finite fails (stage "model") rather than poisoning the
+dataset with NaN rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from maest_cli.io.artefacts import tool_versions
+from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
+from maest_cli.embed.store import FORMAT, EmbeddingStore, Shard
+from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
+from maest_cli.errors import UsageError
+from maest_cli.models.precision import set_threads, torch_threads
+from maest_cli.audio.segments import hop_frames
+from maest_cli.audio.walk import FoundFile, find_audio_files
+
+POOLS = ("track", "segment")
+
+
+# ------------------------------------------------------------------ options
+
+def parse_shard(shard: str | Sequence[int] | None) -> Shard | None:
+    """'I/N' or (I, N); None: RANK/WORLD_SIZE when launched by torchrun, else unsharded."""
+    if shard is None:
+        world = os.environ.get("WORLD_SIZE")
+        if world and world.isdigit() and int(world) > 1:
+            rank = os.environ.get("RANK", "")
+            if not rank.isdigit():
+                raise UsageError(f"WORLD_SIZE={world} but RANK={rank!r} is not a number")
+            shard = (int(rank), int(world))
+        else:
+            return None
+    if isinstance(shard, str):
+        parts = shard.split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise UsageError(f"--shard {shard!r}: expected I/N, e.g. 0/4")
+        shard = (int(parts[0]), int(parts[1]))
+    index, count = (int(x) for x in shard)
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {index}/{count}: need 0 <= I < N")
+    return None if count == 1 else Shard(index, count)
+
+
+def shard_of(f: FoundFile, count: int) -> int:
+    """Which shard processes a file: a hash of its relative path, so every worker agrees
+    without talking to the others, even where the catalogue is mounted elsewhere."""
+    return int(hashlib.sha1(f.path.encode()).hexdigest()[:12], 16) % count
+
+
+def parse_tokens(tokens: str | Sequence[str]) -> tuple[str, ...]:
+    from maest_cli.models.maest import TOKENS
+
+    items = tokens.split(",") if isinstance(tokens, str) else list(tokens)
+    items = [t.strip() for t in items if t.strip()]
+    bad = [t for t in items if t not in TOKENS]
+    if not items or bad or len(set(items)) != len(items):
+        raise UsageError(f"--tokens {','.join(items)!r}: choose one or more of {','.join(TOKENS)}, no repeats")
+    return tuple(items)
+
+
+def parse_rows(rows: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """--drop-freq-rows '0,8' -> (0, 8); 'none' or '' -> () (drop nothing)."""
+    if rows is None:
+        return None
+    if isinstance(rows, str):
+        text = rows.strip().lower()
+        if text in ("", "none"):
+            return ()
+        try:
+            return tuple(int(r) for r in text.split(","))
+        except ValueError:
+            raise UsageError(f"--drop-freq-rows {rows!r}: expected comma-separated row numbers, e.g. 0,8") from None
+    return tuple(int(r) for r in rows)
+
+
+# ------------------------------------------------------------------ model side
+
+class ModelRunner:
+    """Batches of log-mel segments -> input scaling of the model -> embeddings (and sigmoid scores)."""
+
+    def __init__(self, model, device, dtype: str, block: int, tokens: tuple[str, ...], patchout, scores: bool,
+                 norm):
+        self.model, self.device, self.dtype, self.norm = model, device, dtype, norm
+        self.block, self.tokens, self.scores = block, tokens, scores
+        self.patchout = None if patchout is None or patchout.is_identity else patchout
+        self.seconds = 0.0
+
+    def __call__(self, frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from maest_cli.models.precision import autocast
+
+        t0 = time.perf_counter()
+        x = self.norm.apply(torch.from_numpy(np.stack(frames)).to(self.device))
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            out = self.model(x, blocks=[self.block], logits=self.scores, patchout=self.patchout)
+        emb = out.embedding(self.block, self.tokens).float().cpu().numpy()
+        sc = torch.sigmoid(out.logits.float()).cpu().numpy() if self.scores else None
+        self.seconds += time.perf_counter() - t0
+        return emb, sc
+
+
+@dataclass
+class _FileState:
+    n_segments: int | None = None  # known once the decoder is done
+    n_samples: int = 0
+    n_computed: int = 0
+    emb_sum: np.ndarray | None = None  # float64 sums, --pool track
+    score_sum: np.ndarray | None = None
+    rows: list = field(default_factory=list)  # (index, start, length, emb, scores), --pool segment
+
+
+def output_schema(pool: str, dim: int, n_classes: int | None):
+    import pyarrow as pa
+
+    cols = [("path", pa.string()), ("root", pa.string()), ("duration_s", pa.float64()), ("n_segments", pa.int32())]
+    if pool == "segment":
+        cols += [("segment", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64())]
+    cols.append(("embedding", pa.list_(pa.float32(), dim)))
+    if n_classes:
+        cols.append(("scores", pa.list_(pa.float32(), n_classes)))
+    return pa.schema(cols)
+
+
+def _rows_table(schema, f: FoundFile, st: _FileState, pool: str):
+    import pyarrow as pa
+
+    duration = st.n_samples / SAMPLE_RATE
+    frame_s = HOP_SIZE / SAMPLE_RATE
+    if pool == "track":
+        embs = (st.emb_sum / st.n_segments).astype(np.float32)[None]
+        scores = None if st.score_sum is None else (st.score_sum / st.n_segments).astype(np.float32)[None]
+        cols = {}
+    else:
+        rows = sorted(st.rows, key=lambda r: r[0])
+        embs = np.stack([r[3] for r in rows])
+        scores = np.stack([r[4] for r in rows]) if rows[0][4] is not None else None
+        cols = {"segment": [r[0] for r in rows], "start_s": [r[1] * frame_s for r in rows],
+                "end_s": [min((r[1] + r[2] - 1) * frame_s, duration) for r in rows]}
+    n = len(embs)
+    data = {"path": [f.path] * n, "root": [f.root] * n, "duration_s": [duration] * n,
+            "n_segments": [st.n_segments] * n}
+    if pool == "segment":
+        data.update(cols)
+    data["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embs.reshape(-1), pa.float32()), embs.shape[1])
+    if scores is not None:
+        data["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1), pa.float32()),
+                                                           scores.shape[1])
+    return pa.table(data, schema=schema)
+
+
+# ------------------------------------------------------------------ progress
+
+def _where(root: str, path: str) -> str:
+    return root if path == "." else os.path.join(root, path)
+
+
+class _Display:
+    """Rich progress on stderr: files done/total, audio minutes, audio-min/s, errors."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.audio_s = 0.0
+        self.errors = 0
+        self.t0 = time.perf_counter()
+        self._bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.console = Console(stderr=True, highlight=False)
+            self._bar = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("files  {task.fields[audio]}  {task.fields[rate]}  {task.fields[errs]}"),
+                                 TimeRemainingColumn(), console=self.console, transient=False)
+            self._task = self._bar.add_task("extract", total=total, **self._fields())
+            self._bar.start()
+
+    def _fields(self) -> dict:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        return {"audio": f"{self.audio_s / 60:.1f} audio-min", "rate": f"{self.audio_s / 60 / elapsed:.2f} audio-min/s",
+                "errs": f"{self.errors} errors"}
+
+    def file_done(self, audio_s: float) -> None:
+        self.audio_s += audio_s
+        if self._bar:
+            self._bar.update(self._task, advance=1, **self._fields())
+
+    def file_failed(self, path: str, stage: str, reason: str) -> None:
+        self.errors += 1
+        if self._bar:
+            self.console.print(f"maest: error: {path}: {reason} (stage: {stage})", markup=False, soft_wrap=True)
+            self._bar.update(self._task, advance=1, **self._fields())
+
+    def say(self, text: str) -> None:
+        if self._bar:
+            self.console.print(text, markup=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self._bar:
+            self._bar.update(self._task, **self._fields())
+            self._bar.stop()
+
+
+# ------------------------------------------------------------------ the API
+
+@dataclass
+class ExtractSummary:
+    out: str
+    n_files: int = 0  # audio files this run is responsible for (its shard), done before or not
+    n_done: int = 0  # embedded by this run
+    n_skipped: int = 0  # already in DIR from earlier runs
+    n_failed: int = 0  # failed files and unreadable directories (see errors_file)
+    n_segments: int = 0
+    audio_seconds: float = 0.0  # audio embedded by this run
+    wall_seconds: float = 0.0
+    model_seconds: float = 0.0  # time inside the model's forward
+    pipeline_seconds: float = 0.0  # first decoded segment to last file written: the steady state
+    errors_file: str | None = None
+    model: str = ""
+    model_sha256: str | None = None
+    preset: str = ""
+    dtype: str = ""
+    device: str = ""
+    threads: int = 0  # torch intra-op threads of the model (main process)
+    workers: int = 0  # decoder processes
+    shard: str | None = None
+    parts_written: int = 0
+    peak_rss_mb: float = 0.0  # main process
+    decoder_peak_rss_mb: float = 0.0  # largest decoder process
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.n_failed else 0
+
+    @property
+    def audio_min_per_s(self) -> float:
+        return self.audio_seconds / 60 / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["audio_min_per_s"] = self.audio_min_per_s
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+def _device(device: str):
+    import torch
+
+    from maest_cli.models.precision import resolve_device
+
+    local = os.environ.get("LOCAL_RANK", "")
+    if device == "auto" and torch.cuda.is_available() and local.isdigit():
+        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}")  # one GPU per torchrun worker
+    return resolve_device(device)
+
+
+def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop_freq_rows=None,
+            block=7, tokens=("cls", "dist", "avg"), pool="track", hop="half", scores=False,
+            device="auto", dtype="auto", workers=1, batch_size=1, threads=None, extensions=None,
+            overwrite=False, shard=None, progress=True, registry=None, files_per_part=512) -> ExtractSummary:
+    """Embed every audio file under `paths` into the Parquet dataset directory `out`.
+
+    Files already in `out` (same settings) are skipped; failures are recorded in
+    out/_errors/ (`embedding_store.read_errors(out)`) and counted, never raised. Raises
+    UsageError / ConfigError / ModelNotFound / CheckpointError (exit code 2) for bad options, a
+    busy or mismatched `out`, or weights that cannot be had; OSError (exit code 1) when `out`
+    cannot be written (disk full: the message names the file) or decoder processes cannot run.
+    See the module docstring for segmentation and pooling.
+
+    `threads`: torch intra-op threads for the model (None: torch's default, all cores); set for
+    this call only. With `workers` > 0, decoders are processes started through a forkserver,
+    which imports the caller's main module: a script calling this must guard its entry point
+    with `if __name__ == "__main__":`, as for any multiprocessing code.
+    """
+    from maest_cli.models.presets import get_preset
+    from maest_cli.models.registry import load_model
+    from maest_cli.models.precision import cpu_has_native_bf16, for_inference, resolve_dtype
+
+    t_start = time.perf_counter()
+    # -- options that need nothing loaded: fail fast, before the model and before DIR exists
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if pool not in POOLS:
+        raise UsageError(f"--pool {pool!r}: choose track or segment")
+    tokens = parse_tokens(tokens)
+    if int(workers) < 0:
+        raise UsageError("--workers must be >= 0 (0: decode in the main process)")
+    if int(batch_size) < 1:
+        raise UsageError("--batch-size must be >= 1")
+    if threads is not None and int(threads) < 1:
+        raise UsageError("--threads must be >= 1")
+    the_shard = parse_shard(shard)
+    if overwrite and the_shard is not None:
+        raise UsageError("--overwrite cannot be combined with sharding (each shard would delete the others' "
+                         "results): delete DIR first, or use another --out")
+    if time_keep_every is not None and int(time_keep_every) < 1:
+        raise UsageError("--time-keep-every must be >= 1")
+    the_preset = get_preset(preset, None if time_keep_every is None else int(time_keep_every),
+                            parse_rows(drop_freq_rows))
+    skipped: Counter = Counter()
+    files, problems = find_audio_files(paths, extensions, skipped)
+    if int(workers) > 0 and files:
+        start_early()
+
+    # -- model
+    dev = _device(device)
+    dt = resolve_dtype(the_preset.dtype if dtype == "auto" else dtype, dev)
+    early_warnings = []
+    if dt == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
+        early_warnings.append("--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); it is emulated "
+                              "and can be hundreds of times slower than fp32")
+    if not files:
+        what = ", ".join(f"{n} {k}" for k, n in skipped.most_common(5))
+        early_warnings.append(f"no audio files found under {', '.join(os.fspath(p) for p in paths)}"
+                              + (f" (skipped: {what}; --ext chooses the extensions)" if what else ""))
+    lm = load_model(model, device=str(dev), registry=registry, progress=progress)
+    cfg = lm.config
+    lm.model.eval()
+    net = for_inference(lm.model, dt)  # int8: a quantised copy; else the model itself
+    if not 0 <= int(block) <= cfg.depth:
+        raise UsageError(f"--block {block}: this model has blocks 0..{cfg.depth}")
+    block = int(block)
+    patchout = the_preset.patchout
+    try:
+        patchout.freq_index(cfg.f_patches)
+    except ValueError as e:
+        raise UsageError(f"--patchout {the_preset.name}: {e}") from None
+    seg_frames = cfg.frames
+    hop_spec = str(hop)
+    hop = hop_frames(hop, seg_frames)
+    dim = len(tokens) * cfg.width
+    frame_s = HOP_SIZE / SAMPLE_RATE
+    n_threads = int(threads) if threads else torch_threads()
+
+    settings = {"format": FORMAT, "model_sha256": lm.sha256, "model_config": cfg.to_dict(), "block": block,
+                "tokens": list(tokens), "pool": pool, "segment_frames": seg_frames, "hop_frames": hop,
+                "time_keep_every": patchout.time_keep_every, "drop_freq_rows": list(patchout.drop_freq_rows),
+                "scores": bool(scores), "dtype": dt, "frontend": FRONTEND.to_dict(),
+                "input_norm": lm.input_norm.to_dict()}
+    metadata = {
+        "format": FORMAT,
+        "model": {"name": lm.name, "sha256": lm.sha256, "path": lm.path, "source_format": lm.source_format,
+                  "config": cfg.to_dict()},
+        "preset": the_preset.to_dict(), "block": block, "tokens": list(tokens), "pool": pool,
+        "segment": {"frames": seg_frames, "seconds": (seg_frames - 1) * frame_s},
+        "hop": {"spec": hop_spec, "frames": hop, "seconds": hop * frame_s},
+        "segmentation": "segments of segment.frames mel frames every hop.frames; a track shorter than a segment "
+                        "is one shorter segment (truncated time encodings, no padding); a longer track ends "
+                        "with a segment aligned to its end; track rows are the mean over segments",
+        "embedding_dim": dim,
+        "scores": ({"activation": "sigmoid", "track_pooling": "mean over segments", "labels": lm.labels}
+                   if scores else None),
+        "columns": {"path": "relative to root, '/'-separated", "root": "absolute directory the file was found under"},
+        "frontend": FRONTEND.to_dict(), "input_norm": lm.input_norm.to_dict(),
+        "dtype": dt, "device": str(dev), "versions": tool_versions(),
+        "runtime": {"threads": n_threads, "decoder_workers": int(workers)},
+    }
+    schema = output_schema(pool, dim, cfg.n_classes if scores else None)
+
+    summary = ExtractSummary(out=str(out), model=lm.name, model_sha256=lm.sha256, preset=the_preset.name,
+                             dtype=dt, device=str(dev), threads=n_threads, workers=int(workers),
+                             shard=f"{the_shard.index}/{the_shard.count}" if the_shard else None)
+    store = EmbeddingStore(out, schema, settings, metadata, the_shard, overwrite, files_per_part).open()
+    source = None
+    display = None
+    threads_before = torch_threads()
+    try:
+        set_threads(n_threads)
+        mine = files if the_shard is None else [f for f in files if shard_of(f, the_shard.count) == the_shard.index]
+        done = store.done_keys()
+        todo = [f for f in mine if f.key not in done]
+        summary.n_files, summary.n_skipped = len(mine), len(mine) - len(todo)
+        display = _Display(progress, len(todo))
+        summary.warnings += early_warnings
+        for w in [*early_warnings, *store.warnings]:
+            display.say(f"maest: warning: {w}")
+        for p in problems:
+            if p.failed:
+                store.record_error(p.root, p.path, "walk", p.reason)
+                summary.n_failed += 1
+                display.say(f"maest: error: {_where(p.root, p.path)}: {p.reason} (stage: walk)")
+            else:
+                summary.warnings.append(f"{_where(p.root, p.path)}: {p.reason}")
+                display.say(f"maest: warning: {_where(p.root, p.path)}: {p.reason}")
+        if todo:
+            tasks = [(i, f.full_path) for i, f in enumerate(todo)]
+            if int(workers) == 0:
+                source = InlineDecoder(tasks, seg_frames, hop)
+            else:
+                source = DecoderPool(tasks, int(workers), seg_frames, hop)
+            runner = ModelRunner(net, dev, dt, block, tokens, patchout, bool(scores), lm.input_norm)
+            _run(todo, source, runner, store, schema, pool, int(batch_size), display, summary)
+            summary.model_seconds = runner.seconds
+            source.close()
+            summary.decoder_peak_rss_mb = source.peak_rss_mb
+            source = None
+    finally:
+        if source is not None:
+            source.close(abort=True)
+        if display is not None:
+            display.stop()
+        set_threads(threads_before)
+        store.close()  # commits the staged files, unless a write already failed
+    summary.parts_written = len(store.parts_written)
+    summary.warnings += store.warnings
+    summary.errors_file = str(store.errors_path) if store.n_errors else None
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary.wall_seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingStore, schema, pool: str,
+         batch_size: int, display: _Display, summary: ExtractSummary) -> None:
+    """The main loop: messages from the decoders -> batches -> model -> pooled rows -> store."""
+    states: dict[int, _FileState] = {}
+    closed: set[int] = set()
+    batch: list[tuple[int, int, int, np.ndarray]] = []  # (fid, index, start, frames)
+
+    def fail(fid: int, stage: str, reason: str) -> None:
+        if fid in closed:
+            return
+        closed.add(fid)
+        states.pop(fid, None)
+        batch[:] = [b for b in batch if b[0] != fid]
+        f = todo[fid]
+        store.record_error(f.root, f.path, stage, reason)
+        summary.n_failed += 1
+        display.file_failed(os.path.join(f.root, f.path), stage, reason)
+
+    def maybe_finish(fid: int) -> None:
+        st = states.get(fid)
+        if st is None or st.n_segments is None or st.n_computed < st.n_segments:
+            return
+        f = todo[fid]
+        store.add(f.key, _rows_table(schema, f, st, pool))  # OSError (disk full): the run stops, staged files stay
+        closed.add(fid)
+        del states[fid]
+        summary.n_done += 1
+        summary.n_segments += st.n_segments
+        summary.audio_seconds += st.n_samples / SAMPLE_RATE
+        display.file_done(st.n_samples / SAMPLE_RATE)
+
+    def flush() -> None:
+        if not batch:
+            return
+        items = list(batch)
+        batch.clear()
+        try:
+            embs, scores = runner([b[3] for b in items])
+        except (RuntimeError, ValueError) as e:  # e.g. out of GPU memory: those files fail, the run goes on
+            for fid in {b[0] for b in items}:
+                fail(fid, "model", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            return
+        finite = np.isfinite(embs).all(axis=1)
+        if scores is not None:
+            finite &= np.isfinite(scores).all(axis=1)
+        touched = []
+        for k, (fid, index, start, frames) in enumerate(items):
+            if not finite[k]:  # a second guard behind the frontend's: never a NaN row in the dataset
+                fail(fid, "model", f"the model's output is not finite (NaN or infinity) for segment {index} "
+                                   f"(from {start * HOP_SIZE / SAMPLE_RATE:.2f} s)")
+            st = states.get(fid)
+            if st is None:
+                continue
+            if pool == "track":
+                e64 = embs[k].astype(np.float64)
+                st.emb_sum = e64 if st.emb_sum is None else st.emb_sum + e64
+                if scores is not None:
+                    s64 = scores[k].astype(np.float64)
+                    st.score_sum = s64 if st.score_sum is None else st.score_sum + s64
+            else:
+                st.rows.append((index, start, len(frames), embs[k].copy(),
+                                None if scores is None else scores[k].copy()))
+            st.n_computed += 1
+            touched.append(fid)
+        for fid in dict.fromkeys(touched):
+            maybe_finish(fid)
+
+    n_todo = len(todo)
+    t_first = None
+    while len(closed) < n_todo:
+        msg = source.get(block=not batch)
+        if t_first is None and msg is not None:
+            t_first = time.perf_counter()
+        if msg is None:
+            if batch:
+                flush()
+            elif source.exhausted:  # a bug, not a bad file: never spin on a source that has nothing more
+                raise RuntimeError(f"the decoders stopped with {n_todo - len(closed)} files unaccounted for")
+            continue
+        kind, fid = msg[0], msg[1]
+        if fid in closed:
+            continue  # late news of a file already failed
+        if kind == "seg":
+            _, _, index, start, frames = msg
+            states.setdefault(fid, _FileState())
+            if batch and batch[0][3].shape[0] != frames.shape[0]:
+                flush()  # segments of one batch share a length
+            batch.append((fid, index, start, frames))
+            if len(batch) >= batch_size:
+                flush()
+        elif kind == "done":
+            st = states.setdefault(fid, _FileState())
+            st.n_segments, st.n_samples = msg[2], msg[3]
+            maybe_finish(fid)  # else its last segments wait for the batch to fill or the queue to run dry
+        elif kind == "error":
+            fail(fid, msg[2], msg[3])
+        elif kind == "retry":  # its decoder died: the file comes again from its first segment
+            states.pop(fid, None)
+            batch[:] = [b for b in batch if b[0] != fid]
+    flush()
+    summary.pipeline_seconds = time.perf_counter() - t_first if t_first is not None else 0.0

@@ -1,0 +1,104 @@
+"""Device and precision choices, made once per run and recorded in outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from maest_cli.errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "int8": the Linear layers run as int8 (weights per output channel, activations quantised on the
+# fly per tensor), everything else in fp32. CPU only, opt-in: it changes the outputs slightly.
+QUANTISED = ("int8",)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True where bf16 matmuls are fast: AVX512-BF16 or AMX. Elsewhere (e.g. Zen 3, Skylake)
+    oneDNN emulates them and bf16 autocast is hundreds of times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, else fp32.
+    'int8' (dynamic quantisation of the Linear layers) is never automatic: it is CPU only and opt-in."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if dtype in QUANTISED:
+        if device.type != "cpu":
+            raise UsageError(f"--dtype {dtype} (dynamic quantisation) runs on CPU only; on GPUs use bf16 or fp16")
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected auto, fp32, bf16, fp16 or int8")
+    if dtype == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 is for GPUs; on CPU use fp32, bf16 or int8")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed-precision context for dtype ('fp32' and 'int8' = none: a quantised model's other
+    layers run in fp32)."""
+    if dtype == "fp32" or dtype in QUANTISED:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose nn.Linear layers compute in int8 (dynamic quantisation, fbgemm/x86
+    kernels): weights int8 per output channel, each input quantised on the fly. The Linear
+    layers hold about 3/4 of MAEST's FLOPs; attention (SDPA), convolutions and norms stay fp32.
+    Without VNNI the int8 GEMMs are still about twice the fp32 rate on AVX2."""
+    import warnings
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:  # torch.ao.quantization is deprecated and will leave torch one day
+        raise UsageError(f"--dtype int8 needs torch.ao.quantization.quantize_dynamic, which torch "
+                         f"{torch.__version__} lacks; use fp32") from None
+    if "x86" not in torch.backends.quantized.supported_engines and \
+            "fbgemm" not in torch.backends.quantized.supported_engines and \
+            "qnnpack" not in torch.backends.quantized.supported_engines:
+        raise UsageError("--dtype int8: this torch build has no quantised CPU kernels; use fp32")
+    with warnings.catch_warnings():  # the deprecation notices of torch.ao, once per layer
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+
+
+def for_inference(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """The model to run at `dtype`: itself (autocast does bf16/fp16), or its int8 copy."""
+    if dtype in QUANTISED:
+        return quantize_linear_int8(model.eval())
+    return model
+
+
+def set_threads(n: int | None) -> None:
+    """Intra-op threads for this process (None: torch's default, all cores)."""
+    if n:
+        torch.set_num_threads(n)
+
+
+def torch_threads() -> int:
+    return torch.get_num_threads() if torch.get_num_threads() else os.cpu_count() or 1
