@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -732,7 +730,7 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
         return ExtractSummary(out=out, n_files=len(paths) + failures[0], n_done=len(paths), n_failed=failures[0],
                               errors_file=str(Path(out) / "errors.tsv") if failures[0] else None)
 
-    monkeypatch.setitem(sys.modules, "maest_cli.embed.extraction", types.SimpleNamespace(extract=fake_extract))
+    monkeypatch.setattr("maest_cli.probing.run.extract", fake_extract)
     r = CliRunner().invoke(app, ["probe", "custom", "--audio-root", str(audio), "--dataset-root", str(labels),
                                  "--grid", tiny_grid(tmp_path, epochs=(6,)), "--seeds", "1", "--device", "cpu",
                                  "--out", str(tmp_path / "res"), "--model", "tiny.safetensors", "--block", "5"])

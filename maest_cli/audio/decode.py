@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
-from maest_cli.errors import MaestError
 
+from maest_cli.errors import MaestError
 
 SAMPLE_RATE = 16_000
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff")

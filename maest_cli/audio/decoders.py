@@ -32,9 +32,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from maest_cli.errors import MaestError
 from maest_cli.audio.decode import AudioError
 from maest_cli.audio.segments import DecodeStats, iter_file_segments
+from maest_cli.errors import MaestError
 
 # Segments a worker may decode ahead of what the main process has read (~0.7 MB each at 30 s).
 DECODE_AHEAD = 4

@@ -15,6 +15,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from maest_cli.audio.decode import AudioError, iter_audio
+
 SAMPLE_RATE = 16_000
 FRAME_SIZE = 512
 HOP_SIZE = 256
@@ -223,7 +225,6 @@ def iter_file_mel(path, start_s: float = 0.0, duration_s: float | None = None,
     afterwards. Raises audio.AudioError, also for samples so large that the mel overflows
     (corrupt float WAVs: finite, but 1e30), which would otherwise become NaN embeddings.
     """
-    from maest_cli.audio.decode import AudioError, iter_audio
 
     stream = stream if stream is not None else StreamingMel()
 

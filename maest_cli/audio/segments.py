@@ -18,8 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from maest_cli.audio.decode import AudioError
-from maest_cli.audio.frontend import HOP_SIZE, N_MELS, SAMPLE_RATE, StreamingMel, iter_file_mel, n_frames
+from maest_cli.audio.frontend import (
+    HOP_SIZE,
+    N_MELS,
+    SAMPLE_RATE,
+    StreamingMel,
+    iter_file_mel,
+    n_frames,
+)
 from maest_cli.errors import UsageError
+
 
 def hop_frames(hop: str | float, segment_frames: int) -> int:
     """'half' | 'full' | seconds -> hop in mel frames (1 frame = 16 ms)."""

@@ -31,12 +31,28 @@ from pathlib import Path
 
 import numpy as np
 
+from maest_cli.audio.segments import DecodeStats, hop_frames, iter_file_segments
+from maest_cli.audio.synth import write_corpus
+from maest_cli.audio.walk import find_audio_files
+from maest_cli.embed.extraction import ModelRunner, extract
+from maest_cli.models.checkpoints import save_checkpoint
+from maest_cli.models.maest import MAEST, VARIANTS
+from maest_cli.models.precision import (
+    for_inference,
+    machine_info,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+    torch_threads,
+)
+from maest_cli.models.presets import get_preset
+from maest_cli.models.registry import load_model
+
 DEFAULT_PRESETS = ("none", "fast", "faster", "fastest")
 
 
 def corpus_segments(paths: list[str], segment_frames: int, hop: int) -> tuple[list[np.ndarray], float]:
     """All log-mel segments of the corpus, in file order, and its audio seconds."""
-    from maest_cli.audio.segments import DecodeStats, iter_file_segments
 
     segments, seconds = [], 0.0
     for p in paths:
@@ -88,7 +104,6 @@ def cosine_to_reference(reference: str | Path, other: str | Path) -> np.ndarray:
 
 def preset_dtype(name: str, preset_dtype: str, dtype: str, device) -> str:
     """`none` is the exact reference: always fp32. Others: `dtype` if given, else the preset's own."""
-    from maest_cli.models.precision import resolve_dtype
 
     if name == "none":
         return "fp32"
@@ -108,12 +123,6 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
     """
     from rich.console import Console
 
-    from maest_cli.embed.extraction import ModelRunner, extract
-    from maest_cli.models.presets import get_preset
-    from maest_cli.models.registry import load_model
-    from maest_cli.models.precision import for_inference, resolve_device, set_threads, torch_threads
-    from maest_cli.audio.segments import hop_frames
-    from maest_cli.audio.walk import find_audio_files
 
     console = Console(stderr=True, quiet=not progress)
     presets = ["none", *[p for p in presets if p != "none"]]
@@ -170,7 +179,6 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
     finally:
         set_threads(default_threads)
 
-    from maest_cli.bench.throughput import machine_info
 
     report = {"machine": machine_info(), "model": lm.name, "model_sha256": lm.sha256, "block": block, "hop": hop,
               "workers": workers, "batch_size": batch_size, "cores": cores, "thread_variants": variants,
@@ -204,8 +212,6 @@ def random_weights_model(variant: str, where: Path) -> str:
     """A full-size MAEST with seeded random weights: the speed of a variant without its weights."""
     import torch
 
-    from maest_cli.models.checkpoints import save_checkpoint
-    from maest_cli.models.maest import MAEST, VARIANTS
 
     if variant not in VARIANTS:
         raise SystemExit(f"--random-weights {variant!r}: choose one of {', '.join(VARIANTS)}")
@@ -250,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.random_weights:
         model = random_weights_model(a.random_weights, Path(a.work_dir or tempfile.gettempdir()))
     if a.songs:
-        from maest_cli.audio.synth import write_corpus
 
         print(f"writing {a.songs} synthetic songs to {a.corpus} (kept for later runs) ...", file=sys.stderr)
         write_corpus(a.corpus, a.songs, min_s=a.min_s, max_s=a.max_s)

@@ -26,26 +26,28 @@ import sys
 import time
 from pathlib import Path
 
+from maest_cli.audio.decode import SAMPLE_RATE, iter_audio
+from maest_cli.audio.synth import write_corpus
+from maest_cli.io.artefacts import tool_versions, write_json
+from maest_cli.mels.prepare import decoder_pool, prepare_mels
+from maest_cli.mels.writer import SECONDS_PER_FRAME
+
 FORMATS = ("mp3", "ogg")
 
 
 def decode_only(path: str) -> int:
     """What prepare-mels must do before its mel, for one whole file: 16 kHz samples made."""
-    from maest_cli.audio.decode import iter_audio
 
     return sum(len(block) for block in iter_audio(path))
 
 
 def stop_decoders(workers: int) -> None:
-    from maest_cli.mels.prepare import decoder_pool
 
     decoder_pool(workers).shutdown(wait=True, kill_workers=True)
 
 
 def time_decode(paths: list[str], workers: int) -> tuple[float, float]:
     """(seconds, audio minutes) for decoding `paths` on prepare-mels' own decoder processes, warm."""
-    from maest_cli.audio.decode import SAMPLE_RATE
-    from maest_cli.mels.prepare import decoder_pool
 
     pool = decoder_pool(workers)
     list(pool.map(decode_only, paths[:workers]))  # started and imported, not timed
@@ -56,8 +58,6 @@ def time_decode(paths: list[str], workers: int) -> tuple[float, float]:
 
 def time_prepare(root: Path, out: Path, workers: int, cold: bool) -> tuple[float, float]:
     """(seconds, audio minutes) of one prepare_mels call on `root` into a new `out`."""
-    from maest_cli.mels.writer import SECONDS_PER_FRAME
-    from maest_cli.mels.prepare import prepare_mels
 
     if cold:
         stop_decoders(workers)  # warm: time_decode left them running
@@ -72,8 +72,6 @@ def time_prepare(root: Path, out: Path, workers: int, cold: bool) -> tuple[float
 
 
 def run(work: Path, files: int, repeats: int, workers: list[int], formats: list[str], seconds: float = 180) -> dict:
-    from maest_cli.io.artefacts import tool_versions
-    from maest_cli.audio.synth import write_corpus
 
     roots = {}
     for i, fmt in enumerate(formats):
@@ -146,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
                  args.seconds)
     print(table(result))
     if args.out:
-        from maest_cli.io.artefacts import write_json
 
         write_json(args.out, result)
     return 0

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from maest_cli.io.artefacts import write_atomic, write_json
+from maest_cli.probing.run import probe
+
 
 def write_dataset(root: Path, tracks: int, dim: int, tags: int, seed: int = 0) -> tuple[Path, Path]:
     """ROOT/emb (an extract-shaped Parquet dataset) and ROOT/labels.tsv (path, split, tags);
@@ -25,7 +28,6 @@ def write_dataset(root: Path, tracks: int, dim: int, tags: int, seed: int = 0) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from maest_cli.io.artefacts import write_atomic
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((tracks, dim), dtype=np.float32)
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
-    from maest_cli.io.artefacts import write_json
-    from maest_cli.probing.run import probe
 
     t0 = time.perf_counter()
     emb, labels = write_dataset(a.work, a.tracks, a.dim, a.tags)

@@ -24,7 +24,6 @@ runs `extract` per preset; the baseline is run through the same decoder processe
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,10 +33,39 @@ from pathlib import Path
 
 import torch
 
+from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
 from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
-from maest_cli.models.maest import MAEST, MaestConfig, Patchout
+from maest_cli.audio.walk import find_audio_files
+from maest_cli.bench.fidelity import evaluate_presets, random_weights_model
 from maest_cli.errors import UsageError
-from maest_cli.models.precision import DTYPES, QUANTISED, autocast
+from maest_cli.io.artefacts import write_png
+from maest_cli.models.effnet import (
+    PATCH_FRAMES,
+    EfficientNetB0,
+    calibrate_batchnorm,
+    mel_patches,
+    n_patches,
+    patch_grid_hop,
+    to_channels_last,
+)
+from maest_cli.models.effnet import for_inference as effnet_for_inference
+from maest_cli.models.maest import MAEST, VARIANTS, MaestConfig, Patchout
+from maest_cli.models.precision import (
+    DTYPES,
+    QUANTISED,
+    autocast,
+    cpu_has_native_bf16,
+    for_inference,
+    machine_info,
+    quantize_linear_int8,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+    torch_threads,
+)
+from maest_cli.models.presets import get_preset, load_presets
+from maest_cli.models.registry import load_model
+from maest_cli.probing.report import read_results
 
 FORMAT = "maest-bench/1"
 BASELINES = ("effnet-b0", "none")
@@ -66,7 +94,6 @@ def maest_gflop(cfg: MaestConfig, frames: int, block: int | None, patchout: Patc
 
 def effnet_gflop(frames: int) -> float:
     """Counted GFLOP of EfficientNet-B0's embeddings of the patches of `frames` mel frames."""
-    from maest_cli.models.effnet import PATCH_FRAMES, EfficientNetB0, n_patches
 
     with torch.device("meta"):
         model = EfficientNetB0().eval()
@@ -136,7 +163,6 @@ def matmul_probe(dtype: str, device: torch.device, n: int | None = None) -> Cont
     [768 x 3072] GEMMs get), not tuned to a timing that load would skew; emulated bf16 gets 256,
     or one call would take a minute. int8 is a dynamically quantised Linear, the int8 presets'
     kernel."""
-    from maest_cli.models.precision import cpu_has_native_bf16, quantize_linear_int8
 
     if n is None:
         emulated = device.type == "cpu" and dtype == "bf16" and not cpu_has_native_bf16()
@@ -180,7 +206,6 @@ def random_effnet():
     """EfficientNet-B0 with seeded random weights and BatchNorm statistics set from random input,
     so activations keep a trained network's scale instead of shrinking to ~1e-14 (a step from the
     subnormal floats that x86 computes slowly): the time of real weights."""
-    from maest_cli.models.effnet import EfficientNetB0, calibrate_batchnorm, mel_patches
 
     torch.manual_seed(0)
     return calibrate_batchnorm(EfficientNetB0(), mel_patches(torch.randn(1876, 96))).eval()
@@ -193,8 +218,6 @@ def effnet_contender(frames: int, dtype: str, device: torch.device, fold_bn: boo
     default random weights: the time is the same), with every trick the CNN can use here. `compile_model`: torch.compile (inductor
     with freezing) fuses the CNN's many small element-wise ops; it needs a C++ compiler and tens
     of seconds, and falls back to eager (noted) when it fails."""
-    from maest_cli.models.effnet import mel_patches, n_patches, to_channels_last
-    from maest_cli.models.effnet import for_inference as effnet_for_inference
 
     model = effnet_for_inference(model if model is not None else random_effnet(), fold_bn=fold_bn,
                                  channels_last=channels_last).to(device)
@@ -250,9 +273,6 @@ def effnet_end_to_end(paths: list[str], segment_frames: int, dtype: str, device:
     last file done (extract's steady state)."""
     import numpy as np
 
-    from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
-    from maest_cli.models.effnet import mel_patches, patch_grid_hop, to_channels_last
-    from maest_cli.models.effnet import for_inference as effnet_for_inference
 
     model = effnet_for_inference(random_effnet()).to(device)
     run_dtype = "fp32" if dtype in QUANTISED else dtype
@@ -300,26 +320,9 @@ def effnet_end_to_end(paths: list[str], segment_frames: int, dtype: str, device:
 
 # ------------------------------------------------------------------ the run
 
-def machine_info() -> dict:
-    from maest_cli.models.precision import cpu_has_native_bf16
-
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "native_bf16": cpu_has_native_bf16(), "cpu_flags": [f for f in wanted if f in flags],
-            "quantized_engine": torch.backends.quantized.engine, "python": platform.python_version()}
-
 
 def resolve_presets(presets: str | list[str] | None) -> list:
     """'all' / None -> every preset of configs/presets.toml; a list or 'a,b' -> those, checked."""
-    from maest_cli.models.presets import get_preset, load_presets
 
     table = load_presets()
     if presets is None or presets == "all" or presets == ["all"]:
@@ -333,7 +336,6 @@ def resolve_presets(presets: str | list[str] | None) -> list:
 def parse_probe_results(specs: list[str] | None) -> dict[str, dict]:
     """['results.json', 'effnet-b0=other.json'] -> {row name: results}; a file's own `preset`
     names its row unless NAME= is given."""
-    from maest_cli.probing.report import read_results
 
     out: dict[str, dict] = {}
     for spec in specs or []:
@@ -357,9 +359,6 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
     it; `plot` gets `plot_report`'s PNG). `block` None: all blocks and the classifier head."""
     from rich.console import Console
 
-    from maest_cli.models.maest import VARIANTS
-    from maest_cli.models.precision import cpu_has_native_bf16, for_inference, resolve_device, resolve_dtype, set_threads
-    from maest_cli.models.precision import torch_threads
 
     console = console or Console(stderr=True, highlight=False)
     say = (lambda m: console.print(m, markup=False, soft_wrap=True))
@@ -382,7 +381,6 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
     probes = parse_probe_results(probe_results)
     audio_paths: list[str] = []
     if audio is not None:
-        from maest_cli.audio.walk import find_audio_files
 
         found, _ = find_audio_files([audio], AUDIO_EXTENSIONS)
         audio_paths = [f.full_path for f in found]
@@ -407,14 +405,12 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
         # -- the model: given, or random weights of a variant (the time is the same)
         model_path, sha = None, None
         if model is None and audio_paths:
-            from maest_cli.bench.fidelity import random_weights_model
 
             model = random_weights_model(variant, Path(work.name))
             random_weights = True
         else:
             random_weights = model is None
         if model is not None:
-            from maest_cli.models.registry import load_model
 
             lm = load_model(model, device=str(dev))
             net, name, model_path, sha = lm.model.eval(), lm.name, lm.path, lm.sha256
@@ -458,7 +454,6 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
         # -- end to end and fidelity, from decoded files
         e2e = None
         if audio_paths:
-            from maest_cli.bench.fidelity import evaluate_presets
 
             say(f"end to end: {len(audio_paths)} files from {audio}, {workers} decoder workers, hop {hop} ...")
             ev = evaluate_presets(audio, model, [p.name for p, _ in plan], dtype, block or cfg.depth, workers,
@@ -602,7 +597,6 @@ def plot_report(report: dict, path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from maest_cli.io.artefacts import write_png
 
     rows, base = report["results"], report.get("baseline")
     panels = []

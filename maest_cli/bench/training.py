@@ -24,9 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from maest_cli.models.maest import MAEST, VARIANTS, random_patchout
-from maest_cli.models.precision import autocast, resolve_device, resolve_dtype
-from maest_cli.training.loop import make_optimizer
+from maest_cli.models.precision import (
+    autocast,
+    machine_info,
+    resolve_device,
+    resolve_dtype,
+)
 from maest_cli.training.config import PAPER_PATCHOUT_TIME, TrainConfig
+from maest_cli.training.loop import make_optimizer
 
 
 def train_step_seconds(model: MAEST, opt: torch.optim.Optimizer, batch: int, drop_time: int, drop_freq: int,
@@ -61,7 +66,6 @@ def run_train_bench(variant: str = "30s", batch_size: int = 4, drop_time: int | 
                     dtype: str = "auto", repeats: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
     """Samples/s of training steps in each of bench_settings; medians, spreads, speed-ups (the
     headline `speedup`: time columns only)."""
-    from maest_cli.bench.throughput import machine_info
 
     if threads:
         torch.set_num_threads(threads)

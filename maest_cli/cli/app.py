@@ -32,11 +32,11 @@ err = Console(stderr=True, highlight=False)
 def _exit_code(e: BaseException) -> int | None:
     """2 for usage/config/model errors, 1 for failures of the run; None: a bug, let it raise."""
     from maest_cli.audio.decode import AudioError
-    from maest_cli.models.checkpoints import CheckpointError
+    from maest_cli.errors import UsageError
     from maest_cli.io.config import ConfigError
     from maest_cli.mels.dataset import DatasetError
+    from maest_cli.models.checkpoints import CheckpointError
     from maest_cli.models.registry import DownloadError, ModelNotFound
-    from maest_cli.errors import UsageError
 
     if isinstance(e, (UsageError, ConfigError, ModelNotFound, CheckpointError)):
         return 2
@@ -231,9 +231,9 @@ def prepare_mels_cmd(
 ) -> None:
     """Audio files -> sharded float16 log-mel memmaps with an index, for training (resumable)."""
     with errors_to_exit_codes():
+        from maest_cli.errors import UsageError
         from maest_cli.mels.dataset import DatasetError
         from maest_cli.mels.prepare import merge_datasets, prepare_mels, verify_dataset
-        from maest_cli.errors import UsageError
 
         paths = list(paths or [])
         if verify and merge:
@@ -309,7 +309,13 @@ def train_cmd(
         overrides = {**parse_set(sets), **{k: v for k, v in dict(
             init=init, epochs=epochs, epoch_len=epoch_len, batch_size=batch_size, device=device, seed=seed,
             dtype=dtype).items() if v is not None}}
-        from maest_cli.training.loop import TrainError, in_launched_worker, launch, train, worker_argv
+        from maest_cli.training.loop import (
+            TrainError,
+            in_launched_worker,
+            launch,
+            train,
+            worker_argv,
+        )
 
         if nproc > 1 and not in_launched_worker():
             # Fail on usage errors here, before N processes start and fail alike.
@@ -384,9 +390,9 @@ def probe_cmd(
             raise UsageError("give one DATASET (or --compare A.json B.json)")
         if dataset_root is None:
             raise UsageError("--dataset-root is required")
-        from maest_cli.probing.run import default_out, probe
         from maest_cli.probing.data import ProbeError
         from maest_cli.probing.report import results_table
+        from maest_cli.probing.run import default_out, probe
 
         try:
             results = probe(args[0], dataset_root=dataset_root, embeddings=embeddings, audio_root=audio_root,

@@ -45,12 +45,30 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.io.artefacts import sha256_file, tool_versions, write_atomic, write_json
-from maest_cli.demo.render import (INSTRUMENTS, FluidSynthRenderer, RenderParams, clip_notes, draw_render, finish_audio,
-                            midi_file)
-from maest_cli.demo.scores import (KEY_METHOD, Piece, UnusablePiece, dominant_meter, ensemble_size, meter_class, mode_of,
-                            read_piece, tempo_class)
+from maest_cli.demo.render import (
+    INSTRUMENTS,
+    FluidSynthRenderer,
+    RenderParams,
+    clip_notes,
+    draw_render,
+    finish_audio,
+    midi_file,
+)
+from maest_cli.demo.scores import (
+    KEY_METHOD,
+    Piece,
+    UnusablePiece,
+    abc_tunes,
+    dominant_meter,
+    ensemble_size,
+    meter_class,
+    mode_of,
+    read_piece,
+    tempo_class,
+)
 from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import sha256_file, tool_versions, write_atomic, write_json
+from maest_cli.io.config import ConfigError, read_toml
 
 FORMAT = "maest-corpus/1"
 MANIFEST = "manifest.json"
@@ -122,7 +140,6 @@ def music21_corpus_dir() -> Path:
 def load_corpus_config(path: str | os.PathLike | None = None, *, clips: int | None = None,
                        sample_rate: int | None = None, collections: Iterable[str] | None = None) -> CorpusConfig:
     """configs/corpus.toml (or `path`), validated; options given here replace the file's."""
-    from maest_cli.io.config import ConfigError, read_toml
 
     name = str(path) if path else "corpus.toml"
     raw = read_toml(name)
@@ -255,7 +272,6 @@ def find_sources(col: Collection) -> list[Source]:
         stem = os.path.splitext(f)[0]
         flat = _safe_name(stem.split("/", 1)[1] if "/" in stem and col.root == "music21" else stem)
         if f.lower().endswith(".abc"):
-            from maest_cli.demo.scores import abc_tunes
 
             tunes = abc_tunes((root / f).read_text(encoding="utf-8", errors="replace"))
             entries = [(x, f"{flat}-x{x}") for x, _ in tunes] if len(tunes) > 1 else [("", flat)]

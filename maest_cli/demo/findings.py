@@ -39,8 +39,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from maest_cli.io.artefacts import sha256_file, tool_versions, write_json
+from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
+from maest_cli.bench import throughput as bench
+from maest_cli.demo.corpus import MANIFEST, build_corpus, corpus_info
+from maest_cli.demo.report import assemble, write_report
+from maest_cli.embed.sweep import (
+    EffNetEmbedder,
+    MaestSweep,
+    MelCache,
+    MelStatsEmbedder,
+    block_dir,
+    run_sweep,
+)
 from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import sha256_file, tool_versions, write_json
+from maest_cli.io.config import ConfigError
+from maest_cli.mels.dataset import DatasetError, MelDataset
+from maest_cli.mels.prepare import prepare_mels
+from maest_cli.models.checkpoints import save_checkpoint
+from maest_cli.models.maest import MAEST
+from maest_cli.models.precision import (
+    cpu_has_native_bf16,
+    for_inference,
+    machine_info,
+    resolve_device,
+    resolve_dtype,
+)
+from maest_cli.models.presets import get_preset, load_presets
+from maest_cli.models.registry import load_model
+from maest_cli.probing.data import ProbeError
+from maest_cli.probing.run import probe
+from maest_cli.training.config import load_train_config
+from maest_cli.training.effnet import load_effnet
+from maest_cli.training.loop import METRICS, RESOLVED, STATE, train
 
 FORMAT = "maest-findings/1"
 STACK_ALL = ("cls", "dist", "avg")
@@ -126,7 +157,6 @@ def _inputs_check(work: Path, manifest: dict, corpus: Path) -> None:
 
 def ensure_corpus(corpus: Path, opts: FindingsOptions, log: Log) -> dict:
     """The corpus manifest; the corpus is built (or its unfinished build finished) when absent."""
-    from maest_cli.demo.corpus import MANIFEST, build_corpus, corpus_info
 
     if not (corpus / MANIFEST).is_file():
         log(f"findings: no corpus in {corpus}; building it (maest corpus build {corpus} --seed {opts.corpus_seed})")
@@ -148,9 +178,6 @@ def random_twin(lm, work: Path, seed: int, device: str):
     input scaling and labels, saved once in WORK/models so that its datasets record a checksum."""
     import torch
 
-    from maest_cli.models.checkpoints import save_checkpoint
-    from maest_cli.models.maest import MAEST
-    from maest_cli.models.registry import load_model
 
     path = work / "models" / f"{model_key(lm)}-random-seed{seed}.safetensors"
     if not path.is_file():
@@ -166,7 +193,6 @@ def random_twin(lm, work: Path, seed: int, device: str):
 
 def effnet_overrides(recipe: str, epochs: int | None) -> dict:
     """The recipe's schedule stretched to `epochs` (warm-up, decay and SWA at the same shares)."""
-    from maest_cli.training.config import load_train_config
 
     if epochs is None:
         return {}
@@ -185,8 +211,6 @@ def pretrain_mels(opts: FindingsOptions, lm, corpus: Path, work: Path, log: Log)
     """The pre-training mel dataset EfficientNet-B0 trains on: --mels; else the one the MAEST was
     trained on (its checkpoint names it) when it is here with the same labels; else prepared from
     CORPUS/pretrain with the MAEST's label vocabulary (the same data either way)."""
-    from maest_cli.mels.dataset import DatasetError, MelDataset
-    from maest_cli.mels.prepare import prepare_mels
 
     if opts.mels:
         return Path(opts.mels)
@@ -212,7 +236,6 @@ def pretrain_mels(opts: FindingsOptions, lm, corpus: Path, work: Path, log: Log)
 def trained_effnet(opts: FindingsOptions, mels: Path, work: Path, log: Log) -> tuple[Path, dict]:
     """Train (or resume, or reuse) EfficientNet-B0 with `maest train`; its checkpoint (SWA if the
     recipe averages, else best by validation mAP) and the run's summary."""
-    from maest_cli.training.loop import STATE, train
 
     if opts.effnet:
         return Path(opts.effnet), {"given": opts.effnet}
@@ -231,7 +254,6 @@ def trained_effnet(opts: FindingsOptions, mels: Path, work: Path, log: Log) -> t
 
 def _run_facts(run: Path) -> dict:
     """Epochs, examples seen and wall time of a `maest train` run, from its metrics.jsonl."""
-    from maest_cli.training.loop import METRICS, RESOLVED
 
     facts: dict = {}
     try:
@@ -261,20 +283,6 @@ def _run_facts(run: Path) -> dict:
         facts["examples"] = steps * facts["global_batch"]
     return facts
 
-
-def model_training_facts(metadata: dict) -> dict:
-    """What a checkpoint says about its own training (epochs, steps, recipe, validation)."""
-    out = {}
-    for key in ("epoch", "global_step", "validation", "kind", "train_config", "dataset"):
-        raw = metadata.get(key)
-        try:
-            out[key] = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError:
-            out[key] = raw
-    tc = out.get("train_config") or {}
-    if isinstance(tc, dict) and out.get("global_step") is not None and tc.get("batch_size"):
-        out["examples"] = out["global_step"] * tc["batch_size"] * tc.get("accum_steps", 1)
-    return out
 
 
 # ------------------------------------------------------------------ probes
@@ -312,9 +320,6 @@ def _compact(results: dict) -> dict:
 
 def probe_one(job: ProbeJob, grid: str, threads: int = 1) -> dict:
     """One probe (`maest probe custom`), as a compact record; expected failures become {"error"}."""
-    from maest_cli.io.config import ConfigError
-    from maest_cli.probing.run import probe
-    from maest_cli.probing.data import ProbeError
 
     try:
         res = probe("custom", dataset_root=job.labels, embeddings=job.embeddings, grid=grid, seeds=job.seeds,
@@ -404,10 +409,6 @@ def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, 
     on the same segment, timed side by side by maest_cli.bench.throughput's machinery."""
     import torch
 
-    from maest_cli.bench import throughput as bench
-    from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
-    from maest_cli.models.presets import get_preset
-    from maest_cli.models.precision import cpu_has_native_bf16, for_inference, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     net, cfg = lm.model.eval(), lm.config
@@ -432,7 +433,7 @@ def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, 
     log(f"findings: timed {len(rows)} contenders x {repeats} rounds")
     return {"block": block, "frames": frames, "segment_s": (frames - 1) * HOP_SIZE / SAMPLE_RATE,
             "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
-            "load_average": {"before": load_before, "after": os.getloadavg()[0]}, "machine": bench.machine_info(),
+            "load_average": {"before": load_before, "after": os.getloadavg()[0]}, "machine": machine_info(),
             "rows": rows, "counting": "model only: one timed call = one segment of the model; MAEST takes it whole "
                                       "(batch 1) up to the block, EfficientNet-B0 takes its 128-frame patches "
                                       f"(hop 62) in one batch ({', '.join(effnet.info['tricks'])}); "
@@ -447,10 +448,6 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
     Returns findings.json's content. Resumable: rerun the same call after a kill."""
     import sys
 
-    from maest_cli.embed.sweep import EffNetEmbedder, MaestSweep, MelCache, MelStatsEmbedder, block_dir, run_sweep
-    from maest_cli.training.effnet import load_effnet
-    from maest_cli.models.presets import load_presets
-    from maest_cli.models.registry import load_model
 
     opts = options or FindingsOptions()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -565,7 +562,6 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
 
     timing = steps.run("bench", bench_step)
 
-    from maest_cli.demo.report import assemble, write_report
 
     findings = assemble(
         manifest=manifest, corpus=corpus, tasks=tasks, task_files=task_files, opts=opts, lm=lm, rnd=rnd, eff=eff,

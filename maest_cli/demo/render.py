@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.errors import MaestError
 from maest_cli.demo.scores import BPM_RANGES, Piece, beat_ql, dominant_meter
+from maest_cli.errors import MaestError
+from maest_cli.io.artefacts import sha256_file
 
 RENDER_RATE = 44100  # the soundfont's own rate; the corpus rate is reached by soxr afterwards
 DEFAULT_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -332,7 +333,6 @@ class FluidSynthRenderer:
 
     def describe(self) -> dict:
         """What shapes the sound, for the manifest: program version, soundfont and its checksum."""
-        from maest_cli.io.artefacts import sha256_file
 
         out = subprocess.run([self.executable, "--version"], capture_output=True, text=True, timeout=30)
         first = (out.stdout or out.stderr).strip().splitlines()

@@ -10,6 +10,7 @@ is left to people.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 from pathlib import Path
 
@@ -24,6 +25,21 @@ PAPER = {
                  "with random weights on every task)",
 }
 MODELS = ("maest", "random", "effnet", "mel-stats")
+
+
+def model_training_facts(metadata: dict) -> dict:
+    """What a checkpoint says about its own training (epochs, steps, recipe, validation)."""
+    out = {}
+    for key in ("epoch", "global_step", "validation", "kind", "train_config", "dataset"):
+        raw = metadata.get(key)
+        try:
+            out[key] = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            out[key] = raw
+    tc = out.get("train_config") or {}
+    if isinstance(tc, dict) and out.get("global_step") is not None and tc.get("batch_size"):
+        out["examples"] = out["global_step"] * tc["batch_size"] * tc.get("accum_steps", 1)
+    return out
 
 
 def _num(v) -> bool:
@@ -49,7 +65,6 @@ def _pct(v, std=None) -> str:
 
 def assemble(*, manifest, corpus, tasks, task_files, opts, lm, rnd, eff, effnet_run, block_rows, best, preset_block,
              preset_names, head, timing, sweeps, steps) -> dict:
-    from maest_cli.demo.findings import model_training_facts
 
     depth = lm.config.depth
     maest_rows = [r for r in block_rows if r["model"] == "maest"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from maest_cli.errors import MaestError
 
+from maest_cli.errors import MaestError
 
 MIN_NOTES = 8
 MIN_LENGTH_QL = 8.0  # quarter notes: anything shorter is a fragment, not a piece

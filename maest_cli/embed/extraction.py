@@ -25,14 +25,25 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from maest_cli.io.artefacts import tool_versions
 from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
-from maest_cli.embed.store import FORMAT, EmbeddingStore, Shard
 from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
-from maest_cli.errors import UsageError
-from maest_cli.models.precision import set_threads, torch_threads
 from maest_cli.audio.segments import hop_frames
 from maest_cli.audio.walk import FoundFile, find_audio_files
+from maest_cli.embed.store import FORMAT, EmbeddingStore, Shard
+from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import tool_versions
+from maest_cli.models.maest import TOKENS
+from maest_cli.models.precision import (
+    autocast,
+    cpu_has_native_bf16,
+    for_inference,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+    torch_threads,
+)
+from maest_cli.models.presets import get_preset
+from maest_cli.models.registry import load_model
 
 POOLS = ("track", "segment")
 
@@ -68,7 +79,6 @@ def shard_of(f: FoundFile, count: int) -> int:
 
 
 def parse_tokens(tokens: str | Sequence[str]) -> tuple[str, ...]:
-    from maest_cli.models.maest import TOKENS
 
     items = tokens.split(",") if isinstance(tokens, str) else list(tokens)
     items = [t.strip() for t in items if t.strip()]
@@ -108,7 +118,6 @@ class ModelRunner:
     def __call__(self, frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-        from maest_cli.models.precision import autocast
 
         t0 = time.perf_counter()
         x = self.norm.apply(torch.from_numpy(np.stack(frames)).to(self.device))
@@ -186,7 +195,13 @@ class _Display:
         self._bar = None
         if enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.console = Console(stderr=True, highlight=False)
             self._bar = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
@@ -269,7 +284,6 @@ class ExtractSummary:
 def _device(device: str):
     import torch
 
-    from maest_cli.models.precision import resolve_device
 
     local = os.environ.get("LOCAL_RANK", "")
     if device == "auto" and torch.cuda.is_available() and local.isdigit():
@@ -295,9 +309,6 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
     which imports the caller's main module: a script calling this must guard its entry point
     with `if __name__ == "__main__":`, as for any multiprocessing code.
     """
-    from maest_cli.models.presets import get_preset
-    from maest_cli.models.registry import load_model
-    from maest_cli.models.precision import cpu_has_native_bf16, for_inference, resolve_dtype
 
     t_start = time.perf_counter()
     # -- options that need nothing loaded: fail fast, before the model and before DIR exists

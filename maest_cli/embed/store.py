@@ -48,8 +48,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from maest_cli.errors import MaestError
-from maest_cli.errors import UsageError
+from maest_cli.errors import MaestError, UsageError
 
 FORMAT = "maest-extract/1"
 MANIFEST = "_maest_extract.json"

@@ -34,13 +34,35 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.io.artefacts import tool_versions
 from maest_cli.audio.decode import AudioError
-from maest_cli.embed.store import FORMAT, EmbeddingStore
-from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE, StreamingMel, iter_file_mel
-from maest_cli.errors import UsageError
+from maest_cli.audio.frontend import (
+    FRONTEND,
+    HOP_SIZE,
+    SAMPLE_RATE,
+    StreamingMel,
+    iter_file_mel,
+)
 from maest_cli.audio.segments import hop_frames, segment_starts, too_short
 from maest_cli.audio.walk import FoundFile, find_audio_files
+from maest_cli.embed.extraction import _FileState, _rows_table, output_schema
+from maest_cli.embed.store import FORMAT, EmbeddingStore
+from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import tool_versions
+from maest_cli.models import effnet
+from maest_cli.models.effnet import (
+    PATCH_FRAMES,
+    PATCH_HOP,
+    mel_patches,
+    to_channels_last,
+)
+from maest_cli.models.precision import (
+    autocast,
+    for_inference,
+    resolve_device,
+    resolve_dtype,
+    torch_threads,
+)
+from maest_cli.models.presets import get_preset
 
 # Token stacks: each one dataset per block (cls, dist, avg alone, and the paper's concatenation).
 TOKEN_STACKS = (("cls",), ("dist",), ("avg",), ("cls", "dist", "avg"))
@@ -199,8 +221,6 @@ class MaestSweep:
                  device: str = "cpu", dtype: str = "auto", batch_size: int = 8, threads: int | None = None):
         import torch
 
-        from maest_cli.models.presets import get_preset
-        from maest_cli.models.precision import for_inference, resolve_device, resolve_dtype, torch_threads
 
         if batch_size < 1:
             raise UsageError("batch_size must be >= 1")
@@ -241,7 +261,6 @@ class MaestSweep:
 
     def __call__(self, f: FoundFile, mel: np.ndarray, n_samples: int) -> list[tuple[np.ndarray, int]]:
         torch = self._torch
-        from maest_cli.models.precision import autocast
 
         if len(mel) < self.cfg.min_frames:
             raise too_short(f.full_path, n_samples, self.cfg.min_frames)
@@ -265,16 +284,13 @@ class EffNetEmbedder:
     the clip's 128-frame patches with hop 62 (Discogs-EffNet's input)."""
 
     def __init__(self, loaded, out: str | os.PathLike, device: str = "cpu", threads: int | None = None):
-        from maest_cli.models.effnet import PATCH_FRAMES, PATCH_HOP
-        from maest_cli.models.precision import resolve_device, torch_threads
 
-        from maest_cli.models.effnet import for_inference
 
         self.loaded = loaded
         self.device = resolve_device(device)
         # BatchNorm folded into the convolutions, channels_last: the same outputs up to float
         # rounding, at the speed `maest bench` times the baseline with
-        self.model = for_inference(loaded.model.eval()).to(self.device)
+        self.model = effnet.for_inference(loaded.model.eval()).to(self.device)
         self.batch = 64
         frame_s = HOP_SIZE / SAMPLE_RATE
         model = {"name": loaded.name, "sha256": loaded.sha256, "path": loaded.path, "source_format": "maest-cli-effnet",
@@ -291,7 +307,6 @@ class EffNetEmbedder:
     def __call__(self, f: FoundFile, mel: np.ndarray, n_samples: int) -> list[tuple[np.ndarray, int]]:
         import torch
 
-        from maest_cli.models.effnet import mel_patches, to_channels_last
 
         if len(mel) < 16:
             raise AudioError(f.full_path, f"too short: {n_samples / SAMPLE_RATE:.3f} s", stage="segment")
@@ -309,7 +324,6 @@ class MelStatsEmbedder:
     log-mel bands over the whole clip (192-d; a row's n_segments is 1)."""
 
     def __init__(self, out: str | os.PathLike, threads: int | None = None):
-        from maest_cli.models.precision import torch_threads
 
         model = {"name": "mel-stats", "sha256": None, "path": None, "source_format": "none",
                  "config": {"features": "mean and std of each log-mel band over the clip", "bands": 96}}
@@ -351,7 +365,6 @@ def run_sweep(paths, embedder, mels: MelCache | None = None, extensions=None, fi
               log: Log | None = None, log_every: float = 30.0) -> SweepSummary:
     """Every audio file under `paths` through `embedder` (MaestSweep, EffNetEmbedder,
     MelStatsEmbedder) into each of its outputs; files already in every output are skipped."""
-    from maest_cli.embed.extraction import _FileState, _rows_table, output_schema
 
     t0 = time.perf_counter()
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)

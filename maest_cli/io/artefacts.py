@@ -12,6 +12,8 @@ import os
 import platform
 from pathlib import Path
 
+from maest_cli import __version__
+
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write path so that it holds either its old or its complete new content, even on a kill."""
@@ -67,7 +69,7 @@ def tool_versions() -> dict[str, str]:
     try:
         tool = importlib.metadata.version("maest-cli")
     except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
-        from maest_cli import __version__ as tool
+        tool = __version__
     versions = {"maest-cli": tool, "python": platform.python_version(), "numpy": numpy.__version__,
                 "pyarrow": pyarrow.__version__, "soundfile": soundfile.__version__,
                 "libsndfile": soundfile.__libsndfile_version__, "soxr": getattr(soxr, "__version__", "?")}

@@ -9,8 +9,8 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from maest_cli.errors import UsageError
 
+from maest_cli.errors import UsageError
 
 
 class ConfigError(UsageError):

@@ -33,9 +33,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from maest_cli.io.artefacts import sha256_file
 from maest_cli.audio.decode import AUDIO_EXTENSIONS
 from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import sha256_file
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",

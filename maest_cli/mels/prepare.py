@@ -35,15 +35,39 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maest_cli.io.artefacts import sha256_file, write_json
 from maest_cli.audio.decode import AUDIO_EXTENSIONS, AudioError, audio_info, iter_audio
 from maest_cli.audio.frontend import SAMPLE_RATE, StreamingMel, file_mel
-from maest_cli.mels.labels import SPLITS, LabelProblem, match_audio, mtt_directory_split, read_label_files
-from maest_cli.mels.dataset import (ERRORS, FRAME_BYTES, INDEX_SCHEMA, LABEL_PROBLEMS, MANIFEST, REPORT, WORK_DIR,
-                         DatasetError, MelDataset, verify_dataset)
-from maest_cli.mels.writer import dir_state, discard_work, run_plan, start_fresh, write_parquet, write_tsv
-from maest_cli.errors import UsageError
 from maest_cli.audio.walk import WalkProblem, find_audio_files
+from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import sha256_file, write_json
+from maest_cli.io.config import read_labels
+from maest_cli.mels.dataset import (
+    ERRORS,
+    FRAME_BYTES,
+    INDEX_SCHEMA,
+    LABEL_PROBLEMS,
+    MANIFEST,
+    REPORT,
+    WORK_DIR,
+    DatasetError,
+    MelDataset,
+    verify_dataset,
+)
+from maest_cli.mels.labels import (
+    SPLITS,
+    LabelProblem,
+    match_audio,
+    mtt_directory_split,
+    read_label_files,
+)
+from maest_cli.mels.writer import (
+    dir_state,
+    discard_work,
+    run_plan,
+    start_fresh,
+    write_parquet,
+    write_tsv,
+)
 
 __all__ = ["prepare_mels", "merge_datasets", "verify_dataset", "MelDataset", "Crop", "parse_size",
            "assign_splits", "build_plan", "decode_track"]
@@ -492,7 +516,6 @@ def prepare_mels(
     label_files = [labels] if isinstance(labels, (str, os.PathLike)) else list(labels or [])
     vocab_list = None
     if vocabulary is not None:
-        from maest_cli.io.config import read_labels
 
         vocab_list = list(vocabulary) if isinstance(vocabulary, (list, tuple)) else read_labels(str(vocabulary))
     part = parse_part(shard)

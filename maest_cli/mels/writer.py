@@ -30,12 +30,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from maest_cli.io.artefacts import fsync_file, sha256_file, tool_versions, write_atomic, write_json
 from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
+from maest_cli.io.artefacts import (
+    fsync_file,
+    sha256_file,
+    tool_versions,
+    write_atomic,
+    write_json,
+)
+from maest_cli.mels.dataset import (
+    ERRORS,
+    FORMAT,
+    FORMAT_VERSION,
+    FRAME_BYTES,
+    INDEX,
+    INDEX_SCHEMA,
+    LABEL_PROBLEMS,
+    LABELS,
+    MANIFEST,
+    N_MELS,
+    REPORT,
+    SHARD_DIR,
+    STATS,
+    WORK_DIR,
+    WORK_TRASH,
+    DatasetError,
+    is_finished,
+    shard_file,
+    stats_from_sums,
+)
 from maest_cli.mels.labels import SPLITS
-from maest_cli.mels.dataset import (ERRORS, FORMAT, FORMAT_VERSION, FRAME_BYTES, INDEX, INDEX_SCHEMA, LABEL_PROBLEMS, LABELS,
-                         MANIFEST, N_MELS, REPORT, SHARD_DIR, STATS, WORK_DIR, WORK_TRASH, DatasetError, is_finished,
-                         shard_file, stats_from_sums)
 
 JOURNAL_MAGIC = "maest-mels-journal"
 

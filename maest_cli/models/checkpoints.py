@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from maest_cli.audio.frontend import InputNorm
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import fsync_file, sha256_file
-from maest_cli.audio.frontend import InputNorm
 from maest_cli.models.maest import MAEST, MaestConfig
 
 FORMAT = "maest-cli/1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 
 import torch
 
@@ -102,3 +103,19 @@ def set_threads(n: int | None) -> None:
 
 def torch_threads() -> int:
     return torch.get_num_threads() if torch.get_num_threads() else os.cpu_count() or 1
+
+def machine_info() -> dict:
+    """The CPU, its SIMD flags and torch's threads: what shapes a measured speed."""
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.readlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "native_bf16": cpu_has_native_bf16(), "cpu_flags": [f for f in wanted if f in flags],
+            "quantized_engine": torch.backends.quantized.engine, "python": platform.python_version()}

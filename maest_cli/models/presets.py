@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 from maest_cli.io.config import ConfigError, read_toml
 from maest_cli.models.maest import Patchout
 
-
 # "int8": dynamic int8 quantisation of the Linear layers (CPU only; runtime.quantize_linear_int8).
 PRESET_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 

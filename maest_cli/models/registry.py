@@ -20,6 +20,7 @@ from pathlib import Path
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import sha256_file, write_json
 from maest_cli.io.config import ConfigError, read_labels, read_toml
+from maest_cli.models.checkpoints import build_model, load_checkpoint
 
 USER_AGENT = "maest-cli (+https://github.com/palonso/MAEST)"
 
@@ -200,8 +201,14 @@ def download_file(url: str, dest: Path, sha256: str | None = None, size: int | N
 
 
 def _stream(resp, part: Path, have: int, total: int | None, url: str, progress: bool) -> None:
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     mode = "ab" if have else "wb"
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -327,7 +334,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
                registry: Registry | None = None, cache: Path | None = None,
                download: bool = True, progress: bool = True) -> LoadedModel:
     """The Python entry point: a ready, eval-mode MAEST with its labels and provenance."""
-    from maest_cli.models.checkpoints import build_model, load_checkpoint
 
     path, entry = resolve_weights(name_or_path, registry, cache, download, progress)
     labels = read_labels(entry.labels) if entry and entry.labels else None  # else: the file's own

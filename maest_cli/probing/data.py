@@ -18,10 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.errors import MaestError
-from maest_cli.mels.labels import (SPLITS, LabelProblem, LabelTable, audio_key, mtt_split_of, normalize_path,
-                     read_label_files)
-from maest_cli.errors import UsageError
+from maest_cli.errors import MaestError, UsageError
+from maest_cli.mels.labels import (
+    SPLITS,
+    LabelProblem,
+    LabelTable,
+    audio_key,
+    mtt_split_of,
+    normalize_path,
+    read_label_files,
+)
 
 MTG_TASKS = {  # DATASET name -> file stem of the official split files
     "mtg-jamendo-genre": "autotagging_genre",

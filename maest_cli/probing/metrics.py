@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 MACRO_AVERAGE = ("mean over the tags present in the split (at least one positive and one negative track "
                  "there); tags all-0 or all-1 in the split are left out of both averages and listed in "
                  "excluded_tags")

@@ -25,14 +25,32 @@ from typing import Callable
 import numpy as np
 import torch
 
+from maest_cli.embed.extraction import extract
+from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import fsync_file, sha256_file, tool_versions, write_json
 from maest_cli.mels.labels import SPLITS
-from maest_cli.probing.data import (MTG_TASKS, Annotations, EmbeddingSet, Join, ProbeError, describe_embeddings, join_tracks,
-                         load_annotations, open_embeddings)
-from maest_cli.probing.metrics import MACRO_AVERAGE, evaluable, macro_scores
-from maest_cli.probing.fit import ProbeConfig, ProbeData, Protocol, load_grid, logits_of, prepare_data, train_run
-from maest_cli.errors import UsageError
 from maest_cli.models.precision import resolve_device
+from maest_cli.probing.data import (
+    MTG_TASKS,
+    Annotations,
+    EmbeddingSet,
+    Join,
+    ProbeError,
+    describe_embeddings,
+    join_tracks,
+    load_annotations,
+    open_embeddings,
+)
+from maest_cli.probing.fit import (
+    ProbeConfig,
+    ProbeData,
+    Protocol,
+    load_grid,
+    logits_of,
+    prepare_data,
+    train_run,
+)
+from maest_cli.probing.metrics import MACRO_AVERAGE, evaluable, macro_scores
 
 FORMAT = "maest-probe/1"
 Log = Callable[[str], None]
@@ -170,11 +188,6 @@ def _fmt(v) -> str:
 def run_extract(audio_root: Path, cache: Path, options: dict | None, log: Log | None):
     """`maest extract` of AUDIO_ROOT into the cache folder with the paper's pooling (mean over
     half-overlapped segments); an existing cache is resumed, not redone."""
-    try:
-        from maest_cli.embed.extraction import extract
-    except ImportError as e:
-        raise UsageError(f"--audio-root needs `maest extract`, which cannot be imported here ({e}); "
-                         f"extract first and pass --embeddings") from None
     if not audio_root.is_dir():
         raise UsageError(f"--audio-root {audio_root}: no such directory")
     opts = {"model": None, "preset": "none", "block": 7, "tokens": ("cls", "dist", "avg"), "device": "auto",

@@ -14,7 +14,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from maest_cli.io.config import ConfigError, read_toml
+from maest_cli.io.config import ConfigError, config_dir, read_toml
+from maest_cli.models.effnet import PATCH_FRAMES
 from maest_cli.models.maest import VARIANTS, MaestConfig, tiny_config
 
 # Paper (section 3.2 and 4.3): time columns dropped per segment length; 3 frequency rows always.
@@ -117,7 +118,6 @@ class TrainConfig:
         """The training crop in mel frames: the MAEST segment, or EfficientNet-B0's 128-frame patch."""
         if self.is_maest:
             return self.model_config(n_classes=1).frames
-        from maest_cli.models.effnet import PATCH_FRAMES
 
         return PATCH_FRAMES
 
@@ -240,7 +240,6 @@ def _validate_effnet(cfg: TrainConfig, where: str) -> TrainConfig:
     """EfficientNet-B0 has one shape and input (Discogs-EffNet's 128 x 96 patches) and trains from
     random weights here: MAEST's shape keys and a weights file to start from are refused, not
     ignored. The variant, pos_embed and patchout keys are MAEST's and have no effect."""
-    from maest_cli.models.effnet import PATCH_FRAMES
 
     shaped = [k for k in ("width", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None]
     if shaped:
@@ -277,7 +276,6 @@ def load_train_config(name_or_path: str | Path = "maest-30s", overrides: dict | 
         except ConfigError:
             if isinstance(path, Path):
                 raise
-            from maest_cli.io.config import config_dir
 
             known = sorted(f.stem for f in (config_dir() / "train").glob("*.toml"))
             raise ConfigError(f"--config {name_or_path}: no such recipe or file (recipes: {', '.join(known)})") from None

@@ -24,9 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from maest_cli.errors import UsageError
-from maest_cli.models.effnet import PATCH_FRAMES, EfficientNetB0, EffNetConfig, recalibrate_batchnorm
 from maest_cli.audio.frontend import InputNorm
+from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import fsync_file, sha256_file
+from maest_cli.models.checkpoints import check_state_dict
+from maest_cli.models.effnet import (
+    PATCH_FRAMES,
+    EfficientNetB0,
+    EffNetConfig,
+    recalibrate_batchnorm,
+)
 
 ARCHITECTURE = "effnet-b0"
 FORMAT = "maest-cli-effnet/1"
@@ -100,7 +107,6 @@ def save_effnet_checkpoint(path: str | os.PathLike, model: EffNetTagger, labels:
     """A plain EfficientNetB0 state dict + config, labels and `extra` as safetensors metadata, atomically."""
     from safetensors.torch import save_file
 
-    from maest_cli.io.artefacts import fsync_file
 
     p = Path(path)
     meta = {"format": FORMAT, "architecture": model.cfg.architecture, "config": json.dumps(model.cfg.to_dict()),
@@ -146,8 +152,6 @@ def load_effnet(path: str | os.PathLike, device: str = "cpu") -> LoadedEffNet:
     """An EfficientNet-B0 trained by `maest train` (architecture effnet-b0), ready for inference."""
     from safetensors import safe_open
 
-    from maest_cli.io.artefacts import sha256_file
-    from maest_cli.models.checkpoints import check_state_dict
 
     p = Path(path)
     if not p.is_file():

@@ -45,17 +45,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maest_cli.errors import MaestError
-from maest_cli.io.artefacts import tool_versions, write_atomic, write_json
-from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.audio.frontend import OFFICIAL_NORM, InputNorm
+from maest_cli.errors import MaestError, UsageError
+from maest_cli.io.artefacts import tool_versions, write_atomic, write_json
 from maest_cli.mels.dataset import DatasetError, MelDataset
+from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST, random_patchout
-from maest_cli.errors import UsageError
 from maest_cli.models.precision import autocast, resolve_device, resolve_dtype
 from maest_cli.training.config import RESUMABLE_CHANGES, TrainConfig, load_train_config
-from maest_cli.training.data import (Augment, BatchLayout, TrainBatches, bn_calibration_batches, class_weights, draw_epoch,
-                         eval_crops, patchout_generator, track_weights)
+from maest_cli.training.data import (
+    Augment,
+    BatchLayout,
+    TrainBatches,
+    bn_calibration_batches,
+    class_weights,
+    draw_epoch,
+    eval_crops,
+    patchout_generator,
+    track_weights,
+)
+from maest_cli.training.effnet import (
+    build_tagger,
+    recalibrate_batchnorm,
+    save_effnet_checkpoint,
+)
 from maest_cli.training.warmstart import InitInfo, init_model
 
 STATE, METRICS, RESOLVED = "state.pt", "metrics.jsonl", "config.resolved.json"
@@ -389,7 +402,6 @@ def build_network(cfg: TrainConfig, n_classes: int) -> nn.Module:
     MAEST (`.cfg.frames`, `.cfg.n_classes`, `forward(x, logits=True, patchout=None).logits`)."""
     if cfg.is_maest:
         return MAEST(cfg.model_config(n_classes))
-    from maest_cli.training.effnet import build_tagger
 
     return build_tagger(n_classes)
 
@@ -399,7 +411,6 @@ def save_network(path: Path, model: nn.Module, labels: list[str], extra: dict) -
     if isinstance(model, MAEST):
         save_checkpoint(path, model, labels, extra=extra)
     else:
-        from maest_cli.training.effnet import save_effnet_checkpoint
 
         save_effnet_checkpoint(path, model, labels, extra=extra)
 
@@ -484,8 +495,14 @@ def _log(d: Dist, msg: str) -> None:
 
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
@@ -739,7 +756,6 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
                     scratch = type(model)(mcfg).to(d.device)
                 swa.copy_to(scratch)
                 if not cfg.is_maest:  # averaged weights need BatchNorm statistics of their own
-                    from maest_cli.training.effnet import recalibrate_batchnorm
 
                     recalibrate_batchnorm(scratch, bn_calibration_batches(
                         data, train_rows, mcfg.frames, norm, cfg.seed, done, SWA_BN_CROPS, cfg.val_batch_size,

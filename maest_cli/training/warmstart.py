@@ -20,9 +20,23 @@ from pathlib import Path
 
 import torch
 
-from maest_cli.models.checkpoints import (FORMAT, CheckpointError, _strip_prefix, load_checkpoint, official_to_maest,
-                          read_tensors, sha256_file)
-from maest_cli.models.maest import MAEST, MaestConfig, interpolate_pos_grid, resize_pos_embed
+from maest_cli.io.config import read_labels
+from maest_cli.models.checkpoints import (
+    FORMAT,
+    CheckpointError,
+    _strip_prefix,
+    load_checkpoint,
+    official_to_maest,
+    read_tensors,
+    sha256_file,
+)
+from maest_cli.models.maest import (
+    MAEST,
+    MaestConfig,
+    interpolate_pos_grid,
+    resize_pos_embed,
+)
+from maest_cli.models.registry import ModelNotFound, load_registry, resolve_weights
 
 # Frontend buffers some checkpoints carry (PaSST's AugmentMelSTFT, the authors' later MAEST).
 FRONTEND_PREFIXES = ("mel.", "melspectrogram.", "spectrogram.")
@@ -120,7 +134,6 @@ def detect_init_kind(state: dict[str, torch.Tensor], meta: dict, n_mels_grid: in
 
 def _resolve_init(init: str) -> tuple[Path, list[str] | None, str]:
     """--init as a local file, or a registry name whose weights are already cached."""
-    from maest_cli.models.registry import ModelNotFound, load_registry, resolve_weights
 
     p = Path(init).expanduser()
     if p.exists():
@@ -133,7 +146,6 @@ def _resolve_init(init: str) -> tuple[Path, list[str] | None, str]:
     except ModelNotFound as e:
         raise ModelNotFound(f"--init {init}: weights not in the cache; `maest train` never downloads. "
                             f"Run `maest models download {init}` first.\n{e}") from None
-    from maest_cli.io.config import read_labels
 
     return path, read_labels(entry.labels), entry.name
 
@@ -155,7 +167,6 @@ def init_model(model: MAEST, init: str, labels: list[str]) -> InitInfo:
         info.sha256 = ckpt.sha256
         src_labels = ckpt.labels
         if src_labels is None and ckpt.source_format == "official" and ckpt.config.n_classes in (400, 519):
-            from maest_cli.io.config import read_labels
 
             src_labels = read_labels(f"discogs{ckpt.config.n_classes}")
         state = maest_to_maest(ckpt.state, cfg)
