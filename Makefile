@@ -30,9 +30,10 @@ demo: setup
 	$(MAEST) extract examples/music --model maest-tiny --scores --out demo-embeddings --overwrite
 	$(PY) examples/show_embeddings.py demo-embeddings
 
-# One test renders a real clip with FluidSynth, so the tests need the corpus tools too.
+# One test renders a real clip with FluidSynth, so the tests need the corpus tools too. The 15
+# slowest tests are listed at the end.
 test: setup corpus-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: setup corpus-deps
 	$(PY) -m pytest -q -m slow
@@ -54,7 +55,7 @@ corpus: setup corpus-deps
 maest-tiny: corpus
 	$(MAEST) prepare-mels $(CORPUS)/pretrain --out mels-pretrain --labels $(CORPUS)/pretrain/labels.tsv --crop full --workers $(WORKERS)
 	$(MAEST) train --data mels-pretrain --out runs/maest-tiny --config maest-tiny
-	$(PY) -m maest_cli.models.bundle runs/maest-tiny maest_cli/weights/maest-tiny --weights best
+	$(MAEST) models bundle runs/maest-tiny maest_cli/weights/maest-tiny --weights best
 
 # The paper's findings at small scale (README "Findings"): on the demo corpus (built first when
 # absent), the bundled maest-tiny against EfficientNet-B0 trained here on the same data and budget,
@@ -72,16 +73,16 @@ bench-audio: setup
 	$(MAEST) bench --presets all --compile --repeats 7 --audio bench-corpus --plot bench.png --out bench-audio.json
 
 bench-train: setup
-	$(PY) -m maest_cli.bench.training --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
+	$(MAEST) bench train --variant 30s --batch-size 4 --repeats 5 --out bench-train.json
 
 # prepare-mels against the machine's decode limit: 20 three-minute MP3 and OGG files each, 1 and 2
 # workers, 3 interleaved rounds (issue 4's figures; about 6 minutes).
 bench-mels: setup
-	$(PY) -m maest_cli.bench.mels --files 20 --repeats 3 --work bench-mels-data --out bench-mels.json
+	$(MAEST) bench mels --files 20 --repeats 3 --work bench-mels-data --out bench-mels.json
 
 # The probe's quick grid on catalogue-sized synthetic embeddings (25,000 x 2304, 50 tags).
 bench-probe: setup
-	$(PY) -m maest_cli.bench.probing --tracks 25000 --dim 2304 --grid quick --seeds 3 --work bench-probe-data --out bench-probe.json
+	$(MAEST) bench probe --tracks 25000 --dim 2304 --grid quick --seeds 3 --work bench-probe-data --out bench-probe.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-embeddings bench-probe-data bench-mels-data

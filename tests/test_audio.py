@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from conftest import tone_mix, write_audio
 
 from maest_cli.audio.decode import AudioError, audio_info, downmix, iter_audio, load_audio
 from maest_cli.audio.frontend import file_mel, mel_frontend
-
-from conftest import tone_mix, write_audio
 
 
 @pytest.mark.parametrize("ext", [".wav", ".flac", ".ogg", ".opus", ".mp3"])

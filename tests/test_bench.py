@@ -1,21 +1,33 @@
 """`maest bench`: counted FLOPs, the int8 preset, the report's arithmetic, the plot, the CLI."""
 
+import io
 import json
+import re
 import struct
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_audio
+from rich.console import Console
 from typer.testing import CliRunner
 
-from maest_cli.bench.throughput import (check_targets, count_gflop, effnet_gflop, maest_gflop, model_gflop, n_tokens,
-                             parse_probe_results, run_bench)
-from maest_cli.models.checkpoints import save_checkpoint
+from maest_cli.bench.throughput import (
+    count_gflop,
+    effnet_gflop,
+    maest_gflop,
+    model_gflop,
+    n_tokens,
+    parse_probe_results,
+    print_report,
+    run_bench,
+)
 from maest_cli.cli.app import app
+from maest_cli.embed.spec import InferenceSpec
+from maest_cli.errors import UsageError
+from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST, Patchout, tiny_config
-from maest_cli.models.precision import UsageError, quantize_linear_int8, resolve_dtype
-
+from maest_cli.models.precision import choose_dtype, quantize_linear_int8
 
 
 @pytest.fixture
@@ -94,16 +106,16 @@ def test_int8_linears_stay_close_to_fp32():
 
 def test_int8_is_cpu_only_and_opt_in():
     cpu = torch.device("cpu")
-    assert resolve_dtype("int8", cpu) == "int8"
-    assert resolve_dtype("auto", cpu) in ("fp32", "bf16")
+    assert choose_dtype("int8", cpu).dtype == "int8"
+    assert choose_dtype("auto", cpu).dtype in ("fp32", "bf16")
     with pytest.raises(UsageError, match="CPU only"):
-        resolve_dtype("int8", torch.device("cuda"))
+        choose_dtype("int8", torch.device("cuda"))
 
 
 def test_extract_runs_the_int8_preset(tiny, songs, tmp_path):
-    from maest_cli.embed.store import read_metadata
-    from maest_cli.embed.extraction import extract
     from maest_cli.bench.fidelity import cosine_to_reference
+    from maest_cli.embed.extraction import extract
+    from maest_cli.embed.store import read_metadata
 
     a = extract([str(songs)], tmp_path / "fp32", model=tiny, preset="fast", block=3, workers=0, progress=False)
     b = extract([str(songs)], tmp_path / "int8", model=tiny, preset="fast-int8", block=3, workers=0, progress=False)
@@ -116,8 +128,8 @@ def test_extract_runs_the_int8_preset(tiny, songs, tmp_path):
 # ---------------------------------------------------------------- the model stops where it is asked
 
 def test_runner_stops_after_the_block_and_skips_the_head():
-    from maest_cli.embed.extraction import ModelRunner
     from maest_cli.audio.frontend import OFFICIAL_NORM
+    from maest_cli.embed.extraction import ModelRunner
 
     model = MAEST(tiny_config(frames=316)).eval()
     ran = []
@@ -137,11 +149,11 @@ def test_bench_end_to_end_on_a_tiny_model(tiny, songs, tmp_path):
     plot = tmp_path / "bench.png"
     probes = [probe_results(tmp_path / "probe.json", "none", 0.41),
               "effnet-b0=" + probe_results(tmp_path / "effnet.json", None, 0.37)]
-    r = run_bench(model=tiny, block=3, presets="none,fastest,fast-int8", audio=songs, workers=0, repeats=2,
-                  warmup=1, threads=1, probe_results=probes, plot=plot)
+    r = run_bench(InferenceSpec(model=tiny, block=3, device="cpu"), presets="none,fastest,fast-int8", audio=songs,
+                  workers=0, repeats=2, warmup=1, threads=1, probe_results=probes, plot=plot)
     assert r["format"] == "maest-bench/1" and r["threads"] == 1 and r["frames"] == 316
     assert [x["name"] for x in r["results"]] == ["none", "fastest", "fast-int8"]
-    auto = resolve_dtype("auto", torch.device("cpu"))  # fp32 here, bf16 where the CPU runs it natively
+    auto = choose_dtype("auto", torch.device("cpu")).dtype  # fp32 here, bf16 where the CPU runs it natively
     assert [x["dtype"] for x in r["results"]] == [auto, auto, "int8"]
     base = r["baseline"]
     assert base["name"] == "effnet-b0" and base["patches"] == 4 and "batchnorm folded" in base["tricks"]
@@ -160,7 +172,11 @@ def test_bench_end_to_end_on_a_tiny_model(tiny, songs, tmp_path):
     assert none["cosine_mean"] == pytest.approx(1.0) and fast_int8["cosine_mean"] < 1.0
     assert r["end_to_end"]["n_files"] == 2 and r["end_to_end"]["audio_minutes"] == pytest.approx(11 / 60, rel=0.01)
     assert none["probe"]["map"] == 0.41 and base["probe"]["map"] == 0.37
-    assert {t["applies"] for t in r["targets"]} == {False}  # a tiny model at block 3
+    assert "targets" not in r
+    shown = io.StringIO()
+    print_report(r, Console(file=shown, width=200))
+    assert "cos to none" in shown.getvalue() and "GEMM peak" in shown.getvalue()
+    assert not [line for line in shown.getvalue().splitlines() if re.search(r"target|issue", line, re.I)]
     png = plot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
@@ -196,8 +212,8 @@ def test_emulated_bf16_is_refused(monkeypatch):
     import maest_cli.models.precision as rt
 
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
-    with pytest.raises(UsageError, match="no native bf16"):
-        run_bench(variant="5s", dtype="bf16", repeats=1)
+    with pytest.raises(UsageError, match="no native bf16.*emulated"):
+        run_bench(InferenceSpec(dtype="bf16", device="cpu"), variant="5s", repeats=1)
 
 
 def test_probe_results_need_a_name_and_a_map(tmp_path):
@@ -207,30 +223,18 @@ def test_probe_results_need_a_name_and_a_map(tmp_path):
         parse_probe_results([probe_results(tmp_path / "q.json", None, 0.3)])
 
 
-def test_targets_are_judged_from_the_figures():
-    def row(name, amps, eff=0.5, cos=None, ratio=1.0, dtype="fp32"):
-        return {"name": name, "dtype": dtype, "audio_min_per_s": amps, "efficiency": eff, "cosine_mean": cos,
-                "ratio_to_baseline": ratio}
+def test_train_bench_prints_figures_not_criteria(capsys):
+    from rich.console import Console
 
-    report = {"frames": 1876, "block": 7, "machine": {"native_bf16": False}, "model": {"random_weights": False},
-              "end_to_end": {"n_files": 3},
-              "results": [row("none", 0.3, eff=0.7, cos=1.0, ratio=0.05), row("fast", 4.5, cos=0.97, ratio=0.6),
-                          row("fastest", 9.0, cos=0.9, ratio=1.2)],
-              "baseline": row("effnet-b0", 7.5)}
-    targets = check_targets(report)
+    from maest_cli.bench.training import print_train_bench
+    from maest_cli.models.precision import machine_info
 
-    def find(words):
-        (hit,) = [x for x in targets if x["target"].startswith(words)]
-        return hit
-
-    assert find("none: >= 0.6")["met"] is False and "no native bf16" in find("none: >= 0.6")["note"]
-    assert find("fast: >= 4")["met"] is True and find("fast: >= 4")["value"] == 4.5
-    best = find("best preset")
-    assert best["met"] is True and best["value"] == 0.6 and "(fast," in best["target"]  # fastest is not faithful
-    assert find("none: efficiency")["met"] is True
-    assert all(x["applies"] for x in targets)
-    report["end_to_end"] = None
-    assert [x["met"] for x in check_targets(report) if x["target"].startswith("best")] == [None]
+    rows = [{"setting": name, "tokens": t, "median_s": s, "spread": 0.01, "samples_per_s": 4 / s, "speedup": 2.0 / s}
+            for name, t, s in (("no patchout", 100, 2.0), ("patchout -3t", 60, 1.0))]
+    print_train_bench({"variant": "5s", "batch_size": 4, "dtype": "fp32", "results": rows, "speedup": 2.0,
+                       "machine": machine_info()}, Console(stderr=True))
+    err = capsys.readouterr().err
+    assert "2.00x" in err and not re.search(r"target|issue", err, re.I)
 
 
 @pytest.mark.slow

@@ -6,17 +6,22 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import ASTConfig, ASTForAudioClassification  # the oracle (dev extra): missing is a failure
 
-from maest_cli.models.checkpoints import (CheckpointError, build_model, hf_config_dict, hf_to_maest,
-                                   load_checkpoint, maest_to_hf, save_checkpoint)
+from maest_cli.models.checkpoints import (
+    CheckpointError,
+    build_model,
+    hf_config_dict,
+    hf_to_maest,
+    load_checkpoint,
+    maest_to_hf,
+    save_checkpoint,
+)
 from maest_cli.models.maest import MAEST, VARIANTS, tiny_config
-
-transformers = pytest.importorskip("transformers")
 
 
 def hf_model(frames, width, depth, heads, mlp, n_labels, seed=0):
-    from transformers import ASTConfig, ASTForAudioClassification
-
     cfg = ASTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
                     intermediate_size=mlp, num_mel_bins=96, max_length=frames, frequency_stride=10,
                     time_stride=10, layer_norm_eps=1e-6, num_labels=n_labels)
@@ -105,8 +110,6 @@ def test_official_ckpt_loads_and_round_trips_through_hf(tmp_path):
 
 def test_our_weights_in_hf_layout_run_in_transformers(tmp_path):
     """maest_to_hf checked against the oracle: transformers loads our export, same outputs."""
-    from safetensors.torch import save_file
-    from transformers import ASTForAudioClassification
 
     cfg = tiny_config(frames=316, n_classes=10, head_norm_eps=1e-6)
     torch.manual_seed(1)
@@ -192,3 +195,49 @@ def test_official_30s_key_layout_and_shapes():
     assert sd["blocks.0.mlp.fc1.weight"].shape == (3072, 768)
     assert sd["head.1.weight"].shape == (400, 768)
     assert {"head.0.weight", "norm.bias", "cls_token", "dist_token"} <= sd.keys()
+
+
+def test_one_writer_for_maest_and_effnet_checkpoints(tmp_path, monkeypatch):
+    """Both architectures go through write_checkpoint: atomic, shared permissions, and `extra`
+    never changes what the file is."""
+    import maest_cli.models.checkpoints as ck
+    import maest_cli.training.effnet as eff_module
+    from maest_cli.training.effnet import FORMAT as EFFNET_FORMAT
+    from maest_cli.training.effnet import EffNetError, build_tagger, load_effnet, save_effnet_checkpoint
+
+    calls = []
+
+    def spy(path, *args, **kw):
+        calls.append(path)
+        return ck_write(path, *args, **kw)
+
+    ck_write = ck.write_checkpoint
+    assert eff_module.write_checkpoint is ck_write
+    monkeypatch.setattr(ck, "write_checkpoint", spy)
+    monkeypatch.setattr(eff_module, "write_checkpoint", spy)
+    mask = os.umask(0)
+    os.umask(mask)
+    lie = {"format": "something-else", "config": "{}", "labels": "[]", "name": "n"}
+    m = save_checkpoint(tmp_path / "m.safetensors", MAEST(tiny_config(frames=316, n_classes=3)), list("abc"), extra=lie)
+    e = save_effnet_checkpoint(tmp_path / "e.safetensors", build_tagger(3), list("abc"), extra=lie)
+    assert calls == [m, e]
+    ckpt = load_checkpoint(m)
+    assert ckpt.source_format == "maest-cli" and ckpt.labels == list("abc") and ckpt.metadata["name"] == "n"
+    loaded = load_effnet(e)
+    assert loaded.metadata["format"] == EFFNET_FORMAT and loaded.labels == list("abc") and loaded.name == "n"
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in (m, e))  # safetensors alone makes 0600
+    with pytest.raises(CheckpointError):
+        load_checkpoint(e)  # an EfficientNet is never mistaken for a MAEST
+    with pytest.raises(EffNetError):
+        load_effnet(m)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    before = m.read_bytes()
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(m, MAEST(tiny_config(frames=316, n_classes=3)))
+    assert m.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "m.safetensors"]

@@ -17,15 +17,48 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from maest_cli.demo.corpus import (Collection, CorpusConfig, Source, allocate, assign_splits, build_corpus,
-                              common_tags, corpus_info, find_sources, load_corpus_config, plan_clips, split_counts)
-from maest_cli.demo.render import (ENSEMBLES, INSTRUMENTS, RENDER_RATE, FluidSynthRenderer, RenderParams,
-                                     assign_instruments, clip_notes, draw_render, finish_audio, midi_file)
-from maest_cli.demo.scores import (BPM_RANGES, Piece, UnusablePiece, abc_tunes, dominant_meter,
-                                     ensemble_size, excerpt_meter, meter_class, mode_of, piece_from_stream,
-                                     read_piece, tempo_class)
-from maest_cli.mels.labels import read_label_files
+from maest_cli.demo.corpus import (
+    Collection,
+    CorpusConfig,
+    Source,
+    allocate,
+    assign_splits,
+    build_corpus,
+    common_tags,
+    corpus_info,
+    find_sources,
+    load_corpus_config,
+    plan_clips,
+    split_counts,
+)
+from maest_cli.demo.render import (
+    ENSEMBLES,
+    INSTRUMENTS,
+    RENDER_RATE,
+    FluidSynthRenderer,
+    RenderParams,
+    assign_instruments,
+    clip_notes,
+    draw_render,
+    finish_audio,
+    midi_file,
+)
+from maest_cli.demo.scores import (
+    BPM_RANGES,
+    Piece,
+    UnusablePiece,
+    abc_tunes,
+    dominant_meter,
+    ensemble_size,
+    excerpt_meter,
+    meter_class,
+    mode_of,
+    piece_from_stream,
+    read_piece,
+    tempo_class,
+)
 from maest_cli.errors import UsageError
+from maest_cli.mels.labels import read_label_files
 
 # ---------------------------------------------------------------- scores made here
 
@@ -150,6 +183,22 @@ class KillingRenderer(NoiseRenderer):
         if self.left == 0:
             raise Killed()
         self.left -= 1
+        return super().render(midi, params)
+
+
+class SegfaultRenderer(NoiseRenderer):
+    """Crashes its process (a real segmentation fault) on one clip, every time."""
+
+    def __init__(self, bad: str):
+        self.bad = bad
+
+    def render(self, midi: bytes, params: RenderParams) -> np.ndarray:
+        if params.clip_id == self.bad:
+            import ctypes
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+            ctypes.string_at(0)
         return super().render(midi, params)
 
 
@@ -467,6 +516,25 @@ def test_parallel_workers_build_the_same_corpus(score_dirs, tmp_path):
     build_corpus(tmp_path / "one", config=cfg, seed=9, renderer=NoiseRenderer(), min_tag_train_clips=1, progress=False)
     build_corpus(tmp_path / "two", config=cfg, seed=9, workers=2, renderer=NoiseRenderer(), min_tag_train_clips=1, progress=False)
     assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two")
+
+
+def test_a_clip_that_kills_its_worker_fails_alone_and_a_rerun_renders_it(score_dirs, tmp_path):
+    """The crash policy of every pool: the clip is rendered again in a fresh worker, fails when
+    it kills that one too (one line in errors.tsv), the other clips are rendered; a rerun retries it."""
+    cfg = _config(score_dirs, clips=6, seconds=2.0)
+    build_corpus(tmp_path / "one", config=cfg, seed=9, renderer=NoiseRenderer(), min_tag_train_clips=1, progress=False)
+    bad = (tmp_path / "one" / "clips.tsv").read_text().splitlines()[1].split("\t")[0]
+    out = tmp_path / "two"
+    first = build_corpus(out, config=cfg, seed=9, workers=2, renderer=SegfaultRenderer(bad), min_tag_train_clips=1,
+                         progress=False)
+    assert first["failed"] == 1
+    (row,) = (out / "errors.tsv").read_text().splitlines()[1:]
+    assert row.startswith(bad + "\t") and row.endswith(
+        "\tcorpus worker process died (killed by SIGSEGV) while rendering this clip, 2 times")
+    assert len(list(out.rglob("*.flac"))) == 5
+    again = build_corpus(out, config=cfg, seed=9, workers=2, renderer=NoiseRenderer(), min_tag_train_clips=1,
+                         progress=False)
+    assert again["failed"] == 0 and _outputs(out) == _outputs(tmp_path / "one")
 
 
 def test_bad_options_are_usage_errors(score_dirs, tmp_path):

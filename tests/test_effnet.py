@@ -61,8 +61,8 @@ def test_inference_tricks_keep_the_outputs():
 
 def test_segments_on_the_patch_grid_give_the_tracks_patches():
     """Cut at patch_grid_hop, a track's segments hold exactly the patches of the whole track."""
-    from maest_cli.models.effnet import n_patches, patch_grid_hop
     from maest_cli.audio.segments import segment_starts
+    from maest_cli.models.effnet import n_patches, patch_grid_hop
 
     mel = torch.randn(5000, 96)
     whole = mel_patches(mel)

@@ -26,16 +26,17 @@ import torch
 from conftest import tone_mix, write_audio
 from typer.testing import CliRunner
 
-from maest_cli.models.checkpoints import save_checkpoint, sha256_file
-from maest_cli.cli.app import app
 from maest_cli.audio.decoders import DecoderPool
-from maest_cli.embed.store import (EmbeddingStore, SettingsMismatch, Shard, StoreBusy, read_errors,
-                                       read_metadata)
-from maest_cli.embed.extraction import extract, output_schema, parse_shard, shard_of
 from maest_cli.audio.frontend import FRONTEND, file_mel, n_frames, normalize
-from maest_cli.models.maest import MAEST, Patchout, tiny_config
 from maest_cli.audio.segments import SegmentCutter, hop_frames, iter_file_segments, segment_starts
 from maest_cli.audio.walk import find_audio_files
+from maest_cli.cli.app import app
+from maest_cli.embed.extraction import extract, output_schema, parse_shard, shard_of
+from maest_cli.embed.spec import InferenceSpec
+from maest_cli.embed.store import EmbeddingStore, SettingsMismatch, Shard, StoreBusy, read_errors, read_metadata
+from maest_cli.errors import UsageError
+from maest_cli.models.checkpoints import save_checkpoint, sha256_file
+from maest_cli.models.maest import MAEST, Patchout, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SEG = 316  # frames per segment of the tiny model
@@ -301,18 +302,22 @@ def test_scores_are_the_mean_of_segment_sigmoids(catalogue, tiny, tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_dtype_auto_follows_the_cpu_and_emulated_bf16_is_warned(catalogue, tiny, tmp_path, monkeypatch, native):
+def test_dtype_auto_follows_the_cpu_and_emulated_bf16_is_refused(catalogue, tiny, tmp_path, monkeypatch, native):
+    """The one precision rule: auto gives bf16 only where it is native, else fp32 with one line
+    saying why; an explicit bf16 on a CPU that would emulate it is a usage error (exit 2)."""
     import maest_cli.models.precision as rt
 
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
     s = run([catalogue / "a.wav"], tmp_path / "auto", tiny)
     assert s.dtype == read_metadata(s.out)["dtype"] == ("bf16" if native else "fp32") and s.n_done == 1
-    emulated = [w for w in s.warnings if "emulated" in w]
-    assert not emulated
+    why = [w for w in s.warnings if "no native bf16" in w]
+    assert len(why) == (0 if native else 1) and (native or why[0].startswith("dtype auto gives fp32"))
     if not native:
-        s = run([catalogue / "a.wav"], tmp_path / "bf16", tiny, dtype="bf16")
-        assert s.dtype == "bf16" and s.n_done == 1
-        assert [w for w in s.warnings if "no native bf16" in w and "emulated" in w]
+        with pytest.raises(UsageError, match="no native bf16.*emulated"):
+            run([catalogue / "a.wav"], tmp_path / "bf16", tiny, dtype="bf16")
+        r = CliRunner().invoke(app, ["extract", str(catalogue / "a.wav"), "--out", str(tmp_path / "cli"),
+                                     "--model", tiny, "--dtype", "bf16", "--quiet"])
+        assert r.exit_code == 2 and "emulated" in r.output and not (tmp_path / "cli").exists()
 
 
 def test_threads_are_set_for_the_run_recorded_and_restored(catalogue, tiny, tmp_path):
@@ -578,7 +583,7 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(catalogue, tiny, 
     (line,) = [ln for ln in r.output.splitlines() if ln.startswith("maest: error:")]
     assert line.startswith(f"maest: error: {out}/part-all-") and line.endswith(
         ".parquet: cannot write (No space left on device)")
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     assert len(list(out.glob(".staging-all/*.arrow"))) == 2 and not list(out.glob("part-*"))
     monkeypatch.undo()
     s = run([catalogue], out, tiny)
@@ -732,7 +737,7 @@ def test_sigkill_at_any_moment_then_rerun_gives_each_file_once_and_identical(tin
     final = table(out)
     assert final.column("path").to_pylist() == ref.column("path").to_pylist()  # each file exactly once
     np.testing.assert_array_equal(embeddings(final), embeddings(ref))
-    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".staging")]
+    leftovers = [p.name for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".staging")]
     assert not leftovers
 
 
@@ -1005,8 +1010,8 @@ def test_output_schema_shapes():
 # ---------------------------------------------------------------- measurement helpers
 
 def test_synthesizer_is_deterministic_and_fidelity_runs(tiny, tmp_path):
-    from maest_cli.bench.fidelity import evaluate_presets
     from maest_cli.audio.synth import random_song, render, write_corpus
+    from maest_cli.bench.fidelity import evaluate_presets
 
     spec = random_song(3, 4.0, 5.0)
     x = render(spec, 16000)
@@ -1014,8 +1019,9 @@ def test_synthesizer_is_deterministic_and_fidelity_runs(tiny, tmp_path):
     np.testing.assert_array_equal(x, render(random_song(3, 4.0, 5.0), 16000))
     paths = write_corpus(tmp_path / "corpus", 2, min_s=4.0, max_s=6.0)
     assert [p.suffix for p in paths] == [".mp3", ".ogg"]
-    report = evaluate_presets(tmp_path / "corpus", tiny, ["fastest"], block=BLOCK, workers=0,
-                              work_dir=tmp_path / "work", timing=False, progress=False, threads=[1])
+    report = evaluate_presets(tmp_path / "corpus", InferenceSpec(model=str(tiny), block=BLOCK, device="cpu"),
+                              ["fastest"], workers=0, work_dir=tmp_path / "work", timing=False, progress=False,
+                              threads=[1])
     none, fastest = report["results"]  # the reference `none` is always added, first
     assert none["cosine_min"] == pytest.approx(1.0) and -1 <= fastest["cosine_mean"] < 1.0
     assert none["n_files"] == fastest["n_files"] == 2 and none["threads"] == fastest["threads"] == 1
@@ -1024,13 +1030,15 @@ def test_synthesizer_is_deterministic_and_fidelity_runs(tiny, tmp_path):
 
 def test_preset_eval_reference_is_always_fp32(monkeypatch):
     import maest_cli.models.precision as rt
-    from maest_cli.bench.fidelity import preset_dtype
+    from maest_cli.bench.fidelity import preset_spec
 
     cpu = torch.device("cpu")
+    cfg = tiny_config(frames=316)
     monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)
-    assert preset_dtype("none", "auto", "auto", cpu) == preset_dtype("none", "bf16", "bf16", cpu) == "fp32"
-    assert preset_dtype("fast", "auto", "auto", cpu) == "bf16"  # its own dtype, resolved
-    assert preset_dtype("fast", "bf16", "fp32", cpu) == "fp32"  # an explicit dtype wins
+    for asked in ("auto", "bf16"):
+        assert preset_spec(InferenceSpec(dtype=asked), "none").resolve(cfg, 2, cpu).dtype == "fp32"
+    assert preset_spec(InferenceSpec(), "fast").resolve(cfg, 2, cpu).dtype == "bf16"  # its own dtype, resolved
+    assert preset_spec(InferenceSpec(dtype="fp32"), "fast").resolve(cfg, 2, cpu).dtype == "fp32"  # explicit wins
 
 
 # ---------------------------------------------------------------- slow: a real 60-minute file

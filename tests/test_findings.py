@@ -20,14 +20,21 @@ from conftest import write_audio
 from typer.testing import CliRunner
 
 import maest_cli.demo.findings as findings_module
-from maest_cli.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from maest_cli.cli.app import app
-from maest_cli.io.config import ConfigError
-from maest_cli.embed.sweep import (TOKEN_STACKS, EffNetEmbedder, MaestSweep, MelCache, MelStatsEmbedder, block_dir,
-                                   run_sweep)
-from maest_cli.embed.store import read_errors, read_metadata
-from maest_cli.embed.extraction import extract
 from maest_cli.audio.frontend import file_mel
+from maest_cli.cli.app import app
+from maest_cli.embed.extraction import extract
+from maest_cli.embed.store import read_errors, read_metadata
+from maest_cli.embed.sweep import (
+    TOKEN_STACKS,
+    EffNetEmbedder,
+    MaestSweep,
+    MelCache,
+    MelStatsEmbedder,
+    block_dir,
+    run_sweep,
+)
+from maest_cli.io.config import ConfigError
+from maest_cli.models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from maest_cli.models.maest import MAEST, tiny_config
 from maest_cli.models.registry import load_model
 from maest_cli.training.config import TrainConfig, load_train_config
@@ -217,9 +224,9 @@ def test_sweep_killed_midway_resumes_to_the_same_datasets(tmp_path, tiny_model):
 
 
 def test_effnet_and_mel_stats_rows_are_what_they_say(tmp_path, tiny_model):
+    from maest_cli.audio.frontend import InputNorm
     from maest_cli.models.effnet import mel_patches
     from maest_cli.training.effnet import build_tagger, load_effnet, save_effnet_checkpoint
-    from maest_cli.audio.frontend import InputNorm
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -257,8 +264,8 @@ def test_effnet_and_mel_stats_rows_are_what_they_say(tmp_path, tiny_model):
 
 def test_effnet_trains_in_maest_train_loss_falls_and_checkpoints_reload(tmp_path, corpus, monkeypatch):
     import maest_cli.training.loop as train_module
-    from maest_cli.training.effnet import FORMAT, load_effnet
     from maest_cli.mels.prepare import prepare_mels
+    from maest_cli.training.effnet import FORMAT, load_effnet
     from maest_cli.training.loop import METRICS, train
 
     monkeypatch.setattr(train_module, "SWA_BN_CROPS", 16)  # 512 in a real run
@@ -452,3 +459,27 @@ def test_cli_findings_refuses_a_folder_that_is_not_a_corpus(tmp_path):
     assert r.exit_code == 2, r.output
     r = runner.invoke(app, ["findings", str(tmp_path / "out"), "--corpus", str(tmp_path), "--seeds", "0"])
     assert r.exit_code == 2
+
+
+def _probe_or_die(job, grid: str, threads: int = 1) -> dict:
+    """Stands in for findings.probe_one in the probe processes: task "crash" segfaults every time."""
+    if job.task == "crash":
+        import ctypes
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+        ctypes.string_at(0)
+    return {"test_map": 0.5, "task": job.task}
+
+
+def test_a_probe_that_kills_its_process_is_an_error_not_cached_the_others_finish(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "emb" / "m").mkdir(parents=True)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("path\ttags\n")
+    jobs = [findings_module.ProbeJob(str(work / "emb" / "m"), t, str(labels), 1) for t in ("a", "crash", "b")]
+    monkeypatch.setattr(findings_module, "probe_one", _probe_or_die)
+    got = findings_module.run_probes(jobs, work, "none", 2, log=lambda m: None)
+    assert got[jobs[0]] == {"test_map": 0.5, "task": "a"} and got[jobs[2]] == {"test_map": 0.5, "task": "b"}
+    assert got[jobs[1]] == {"error": "probe process died (killed by SIGSEGV) while probing, 2 times"}
+    assert [j.cache_file(work, "none").is_file() for j in jobs] == [True, False, True]  # a rerun probes it again

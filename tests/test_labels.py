@@ -6,11 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from maest_cli.mels.labels import (LabelRow, audio_key, detect_format, match_audio, merge_rows, mtt_directory_split,
-                              mtt_split_of, normalize_path, read_label_file, read_label_files, split_name,
-                              top_k_tags)
-from maest_cli.probing.data import load_annotations
 from maest_cli.errors import UsageError
+from maest_cli.mels.labels import (
+    LabelRow,
+    audio_key,
+    detect_format,
+    match_audio,
+    merge_rows,
+    mtt_directory_split,
+    mtt_split_of,
+    normalize_path,
+    read_label_file,
+    read_label_files,
+    split_name,
+    top_k_tags,
+)
+from maest_cli.probing.data import load_annotations
 
 PROBE_FIX = Path(__file__).parent / "fixtures" / "probe"
 MELS_FIX = Path(__file__).parent / "fixtures" / "mels"

@@ -22,19 +22,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_audio
 from typer.testing import CliRunner
 
-from maest_cli.mels import writer as melwriter
 from maest_cli.audio.decode import load_audio
-from maest_cli.cli.app import app
 from maest_cli.audio.frontend import mel_frontend, n_frames
-from maest_cli.mels.labels import match_audio, read_label_files
-from maest_cli.mels.dataset import FRAME_BYTES, MelDataset
-from maest_cli.mels.prepare import (Crop, assign_splits, build_plan, merge_datasets, parse_size, prepare_mels,
-                            verify_dataset)
+from maest_cli.cli.app import app
 from maest_cli.errors import UsageError
-
-from conftest import write_audio
+from maest_cli.mels import writer as melwriter
+from maest_cli.mels.dataset import FRAME_BYTES, MelDataset
+from maest_cli.mels.labels import match_audio, read_label_files
+from maest_cli.mels.prepare import (
+    Crop,
+    assign_splits,
+    build_plan,
+    merge_datasets,
+    parse_size,
+    prepare_mels,
+    verify_dataset,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "mels"
 runner = CliRunner()
@@ -535,7 +541,7 @@ def _run_and_kill(corpus, out: Path, target: int, workers: int) -> tuple[subproc
     while proc.poll() is None and time.monotonic() < deadline:
         polls += 1
         if workers > 1 and polls % 50 == 0:  # scanning /proc is not free; the workers need the CPU
-            kids = [p for p in _children(proc.pid) if b"loky" in _cmdline(p)] or kids
+            kids = [p for p in _descendants(proc.pid) if b"multiprocessing" in _cmdline(p)] or kids
         if (target == 0 and (out / "_work").exists()) or (target and _lines(journal) >= target + 1):
             proc.kill()
             break
@@ -586,16 +592,22 @@ def test_workers_of_a_killed_run_exit_and_the_run_resumes(corpus, tmp_path):
     assert_same_dataset(corpus["ref"], out)
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is pid (from /proc)."""
-    kids = []
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... of pid (workers fork from a forkserver, a child of the run)."""
+    parent = {}
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(d.name))
+            if d.name.isdigit():
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             pass
-    return kids
+    found, todo = [], [pid]
+    while todo:
+        of = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == of]
+        found += kids
+        todo += kids
+    return found
 
 
 def _cmdline(pid: int) -> bytes:
@@ -732,8 +744,8 @@ def test_kill_while_removing_work_files_leaves_the_dataset_alone(corpus, tmp_pat
     assert_same_dataset(corpus["ref"], d)
 
 
-def _decode_or_die(path: str, crop, parent: int):
-    """Stands in for mels._decode_in_worker in the decoder processes: b1.mp3 segfaults every
+def _decode_or_die(path: str, crop):
+    """Stands in for mels.decode_track in the decoder processes: b1.mp3 segfaults every
     time (a decoder bug), a3.ogg is killed the first time only (the out-of-memory killer)."""
     import ctypes
     import resource
@@ -747,30 +759,33 @@ def _decode_or_die(path: str, crop, parent: int):
     if path.endswith("a3.ogg") and not marker.exists():
         marker.write_text("")
         os.kill(os.getpid(), signal.SIGKILL)
-    return mels._decode_in_worker(path, crop, parent)
+    return mels.decode_track(path, crop)
 
 
 def test_a_decoder_that_dies_fails_its_track_not_the_run(corpus, tmp_path, monkeypatch):
-    """Decoder processes really die (a segfault, a SIGKILL). A track that was in flight is decoded
-    again alone: killed once, it is stored as if nothing happened; dying alone, it is failed and
+    """Decoder processes really die (a segfault, a SIGKILL). A track whose decoder died is decoded
+    again: killed once, it is stored as if nothing happened; dying twice, it is failed and
     the run goes on. Crashes on track after track stop the run (the machine, not the files) with
     those tracks journalled as failed, so a rerun finishes it."""
+    from maest_cli.io import workers
     from maest_cli.mels import prepare as mels
 
     audio = tmp_path / "audio"
     shutil.copytree(corpus["audio"], audio)
     out = tmp_path / "crashes"
-    monkeypatch.setattr(mels, "_decode_in_worker", _decode_or_die)
-    monkeypatch.setattr(mels, "MAX_CRASHES_IN_A_ROW", 1)  # so that b1.mp3 alone stops the run
-    with pytest.raises(ChildProcessError, match=r"died on 1 track\(s\) in a row, the last on .*b1.mp3"):
-        prepare_mels(audio, out, labels=corpus["labels"], **OPTIONS)  # a3 and b1 are in flight together
+    monkeypatch.setattr(mels, "decode_track", _decode_or_die)
+    monkeypatch.setattr(workers, "MAX_LOSSES_IN_A_ROW", 1)  # so that b1.mp3 alone stops the run
+    with pytest.raises(ChildProcessError, match=r"decoder processes keep dying \(killed by SIGSEGV, 1 times in a "
+                                                r"row, the last on .*b1.mp3\)"):
+        prepare_mels(audio, out, labels=corpus["labels"], **OPTIONS)
     assert (audio / "a/a3.ogg.killed-once").exists()  # it did die once
-    monkeypatch.setattr(mels, "MAX_CRASHES_IN_A_ROW", 5)
+    monkeypatch.undo()
+    monkeypatch.setattr(mels, "decode_track", _decode_or_die)
     summary = prepare_mels(audio, out, labels=corpus["labels"], **OPTIONS)
     assert summary["resumed_from"] == 4  # a1 a2 a3 b1
     errors = {line.split("\t")[1]: line for line in (out / "errors.tsv").read_text().splitlines()[1:]}
     assert set(errors) == {"b/b1.mp3", "x/corrupt.mp3", "x/empty.wav"} and summary["failed"] == 3
-    assert "\tdecode\tdecoder process died on this file (SIGSEGV(-11))" in errors["b/b1.mp3"]
+    assert "\tdecode\tdecoder process died (killed by SIGSEGV) while decoding this file, 2 times" in errors["b/b1.mp3"]
     ref, got = MelDataset(corpus["ref"]), MelDataset(out)
     ref_rows = {p: i for i, p in enumerate(ref.index["path"].to_pylist())}
     assert sorted(got.index["path"].to_pylist()) == sorted(set(ref_rows) - {"b/b1.mp3"})

@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from maest_cli.models.maest import (MAEST, VARIANTS, MaestConfig, Patchout, count_parameters,
-                             interpolate_pos_grid, random_patchout, resize_pos_embed, tiny_config)
+from maest_cli.models.maest import (
+    MAEST,
+    VARIANTS,
+    MaestConfig,
+    Patchout,
+    count_parameters,
+    interpolate_pos_grid,
+    random_patchout,
+    resize_pos_embed,
+    tiny_config,
+)
 
 
 @pytest.fixture

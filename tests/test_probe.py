@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd  # a dev dependency, the MTT oracle: missing is a failure, not a skip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,13 +16,29 @@ import torch
 from typer.testing import CliRunner
 
 from maest_cli.cli.app import app
-from maest_cli.probing.run import load_probe, probe
+from maest_cli.embed.spec import InferenceSpec
 from maest_cli.io.config import ConfigError
-from maest_cli.probing.fit import (ProbeConfig, ProbeData, Protocol, SplitData, column_stats, load_grid, logits_of,
-                                   lr_factor, train_run)
-from maest_cli.probing.data import (ProbeError, UsageError, describe_embeddings, join_tracks, load_annotations,
-                                  open_embeddings)
+from maest_cli.probing.data import (
+    ProbeError,
+    UsageError,
+    describe_embeddings,
+    join_tracks,
+    load_annotations,
+    open_embeddings,
+)
+from maest_cli.probing.fit import (
+    ProbeConfig,
+    ProbeData,
+    Protocol,
+    SplitData,
+    column_stats,
+    load_grid,
+    logits_of,
+    lr_factor,
+    train_run,
+)
 from maest_cli.probing.metrics import fast_macro_roc_auc, macro_scores, per_tag_scores
+from maest_cli.probing.run import load_probe, probe
 
 FIX = Path(__file__).parent / "fixtures" / "probe"
 META = {"model": "maest-30s-pw", "block": 7, "tokens": ["cls", "dist", "avg"], "preset": "none"}
@@ -102,7 +119,6 @@ def make_data(x, y, splits) -> ProbeData:
 # ---------------------------------------------------------------- adapters
 
 def test_mtt_top50_and_split_by_directory():
-    pd = pytest.importorskip("pandas")
     ann = load_annotations("mtt", FIX / "mtt")
     ref = pd.read_csv(FIX / "mtt" / "annotations_final.csv", sep="\t")
     counts = ref.drop(columns=["clip_id", "mp3_path"]).sum()
@@ -719,14 +735,13 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
 
     failures = [0]
 
-    def fake_extract(paths_arg, out, *, model=None, preset="none", time_keep_every=None, drop_freq_rows=None,
-                     block=7, tokens=("cls", "dist", "avg"), pool="track", hop="half", scores=False,
-                     device="auto", dtype="auto", workers=1, batch_size=1, extensions=None, overwrite=False,
-                     shard=None, progress=True, registry=None):
-        calls.append(dict(paths=paths_arg, out=out, model=model, preset=preset, block=block, tokens=tokens,
-                          pool=pool, hop=hop, overwrite=overwrite))
+    def fake_extract(paths_arg, out, spec, *, workers=1, batch_size=1, threads=None, extensions=None,
+                     overwrite=False, shard=None, progress=True, registry=None, files_per_part=512):
+        calls.append(dict(paths=paths_arg, out=out, model=spec.model, preset=spec.preset, block=spec.block,
+                          tokens=spec.tokens, pool=spec.pool, hop=spec.hop, overwrite=overwrite))
         write_embeddings(Path(out), paths, x, root=str(paths_arg[0]),
-                         meta={"model": model, "block": block, "tokens": list(tokens), "preset": preset})
+                         meta={"model": spec.model, "block": spec.block, "tokens": list(spec.tokens),
+                               "preset": spec.preset})
         return ExtractSummary(out=out, n_files=len(paths) + failures[0], n_done=len(paths), n_failed=failures[0],
                               errors_file=str(Path(out) / "errors.tsv") if failures[0] else None)
 
@@ -755,8 +770,7 @@ def test_audio_root_runs_extract_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
-    """End to end with the real `maest extract` and a tiny random model (skipped until it exists)."""
-    pytest.importorskip("maest_cli.embed.extraction")
+    """End to end with the real `maest extract` (probing.run imports it) and a tiny random model."""
     from conftest import write_audio
 
     audio = tmp_path / "audio"
@@ -770,18 +784,18 @@ def test_audio_root_with_the_real_extract(tmp_path, tiny_model_file):
     (audio / "0" / "broken.wav").write_bytes(b"RIFF\x00\x01\x00\x00WAVEfmt not really")  # fails to decode
     res = probe("custom", dataset_root=tmp_path / "labels.tsv", audio_root=audio, out=tmp_path / "res",
                 grid=tiny_grid(tmp_path, epochs=(3,), batch=(4,)), seeds=1, device="cpu",
-                extract_options={"model": tiny_model_file, "block": 2, "progress": False})
+                spec=InferenceSpec(model=str(tiny_model_file), block=2, device="cpu"),
+                extract_options={"progress": False})
     assert res["dataset"]["join"]["matched"] == 12 and res["extract_failed"] == 1
     assert res["embeddings"]["dim"] == 3 * 64 and res["block"] == 2
 
 
 def test_probe_bench_runs_the_probe_on_its_synthetic_dataset(tmp_path):
-    from maest_cli.bench import probing as probe_bench
-
     out = tmp_path / "bench.json"
     grid = tiny_grid(tmp_path, lrs=(3e-3,), epochs=(20,))
-    assert probe_bench.main(["--tracks", "1000", "--dim", "16", "--tags", "4", "--grid", grid, "--seeds", "1",
-                             "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    r = CliRunner().invoke(app, ["bench", "probe", "--tracks", "1000", "--dim", "16", "--tags", "4", "--grid", grid,
+                                 "--seeds", "1", "--work", str(tmp_path / "w"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert report["tracks"] == 1000 and report["grid_points"] == 1 and report["timing_s"]["total"] > 0
     assert report["test_roc_auc"]["mean"] > 0.6  # the tags follow the embeddings: the probe learns them

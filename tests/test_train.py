@@ -23,17 +23,34 @@ import torch
 from typer.testing import CliRunner
 
 import maest_cli.training.loop as train_module
+from maest_cli.audio.frontend import OFFICIAL_NORM, InputNorm, file_mel
 from maest_cli.cli.app import app
 from maest_cli.io.config import ConfigError
-from maest_cli.audio.frontend import OFFICIAL_NORM, InputNorm, file_mel
 from maest_cli.models.maest import MAEST, random_patchout, tiny_config
-from maest_cli.training.loop import (METRICS, RESOLVED, STATE, SwaAverage, lr_factor, swa_due, tagging_scores, train,
-                             worker_argv)
 from maest_cli.training.config import TrainConfig, load_train_config, parse_set
-from maest_cli.training.data import (TIME_MASK_MAX_SHARE, BatchLayout, class_weights, draw_epoch, mixup, mixup_lambda,
-                                  patchout_generator, spec_augment, track_weights)
-from maest_cli.training.warmstart import (deit_to_maest, detect_init_kind, init_model, passt_to_maest,
-                                  separate_pos_grid)
+from maest_cli.training.data import (
+    TIME_MASK_MAX_SHARE,
+    BatchLayout,
+    class_weights,
+    draw_epoch,
+    mixup,
+    mixup_lambda,
+    patchout_generator,
+    spec_augment,
+    track_weights,
+)
+from maest_cli.training.loop import (
+    METRICS,
+    RESOLVED,
+    STATE,
+    SwaAverage,
+    lr_factor,
+    swa_due,
+    tagging_scores,
+    train,
+    worker_argv,
+)
+from maest_cli.training.warmstart import deit_to_maest, detect_init_kind, init_model, passt_to_maest, separate_pos_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BANDS_HZ = (250, 700, 1800, 4500)
@@ -565,9 +582,30 @@ def test_cli_refuses_bad_runs_with_usage_errors(tone_data, recipe, tmp_path):
     assert [e["epoch"] for e in epochs_of(run)] == [1, 2]
 
 
+def test_resume_takes_the_process_count_the_run_recorded(tone_data, recipe, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tone_data, run, recipe, {"epochs": 1}, progress=False)
+    assert train_module.recorded_processes(run) == 1
+    launched = []
+    monkeypatch.setattr(train_module, "launch", lambda n, args: launched.append((n, args)) or 0)
+    r = runner.invoke(app, ["train", "--resume", str(run), "-q"])  # one process recorded: no torchrun
+    assert r.exit_code == 0 and "complete" in r.output and launched == [], r.output
+
+    monkeypatch.setattr(train_module, "recorded_processes", lambda run_dir: 2)
+    monkeypatch.setattr(sys, "argv", ["maest", "train", "--resume", str(run), "-q"])
+    r = runner.invoke(app, ["train", "--resume", str(run), "-q"])
+    assert r.exit_code == 0 and launched == [(2, ["--resume", str(run), "-q"])], r.output
+    for other in ("1", "3"):  # an explicit count that differs is refused before anything starts
+        r = runner.invoke(app, ["train", "--resume", str(run), "--nproc", other])
+        errors = [line for line in r.stderr.splitlines() if line.startswith("maest: error: ")]
+        assert r.exit_code == 2 and len(errors) == 1 and f"--nproc {other}" in errors[0] \
+            and "used 2 processes" in errors[0], r.output
+    assert len(launched) == 1
+
+
 def test_train_bench_step_runs_with_and_without_patchout():
-    from maest_cli.training.loop import make_optimizer
     from maest_cli.bench.training import train_step_seconds
+    from maest_cli.training.loop import make_optimizer
 
     model = MAEST(tiny_config(frames=96, n_classes=4))
     opt = make_optimizer(model, TrainConfig(variant="tiny"))
@@ -582,9 +620,9 @@ def test_train_bench_step_runs_with_and_without_patchout():
 def test_extract_embeds_a_trained_model_with_its_training_input_scaling(quiet_data, recipe, tmp_path):
     """Train on a dataset whose stats are far from the official constants; `maest extract
     --model RUN/best.safetensors` must scale its input with the dataset's mean and std."""
-    from maest_cli.models.checkpoints import build_model, load_checkpoint
-    from maest_cli.embed.store import read_metadata
     from maest_cli.embed.extraction import extract
+    from maest_cli.embed.store import read_metadata
+    from maest_cli.models.checkpoints import build_model, load_checkpoint
 
     run = tmp_path / "run"
     train(quiet_data, run, recipe, {"epochs": 1, "epoch_len": 8, "swa_start": 0}, progress=False)

@@ -10,9 +10,9 @@ integer (not on the pipe: a worker runs ahead of what the main process has read,
 file *seen* is not the one it was decoding). When a worker dies, that file is the culprit;
 the worker's other unfinished files (a finished one may still sit in its outbox) are decoded
 again by a fresh worker. The culprit too gets a second chance, alone on a worker, since a
-crash may come from outside (the OOM killer, a stray kill): it fails when a worker dies on
-it twice. Workers die with their parent (PR_SET_PDEATHSIG, and a closed pipe), so a killed
-run leaves no orphans.
+crash may come from outside (the OOM killer, a stray kill); how many deaths a file and a run
+may cost is the one crash policy of every pool (io/workers.py: CrashPolicy). Workers die with
+their parent (PR_SET_PDEATHSIG, and a closed pipe), so a killed run leaves no orphans.
 
 The protocol, per file: ("seg", fid, index, start, frames)..., then ("done", fid,
 n_segments, n_samples) or ("error", fid, stage, reason). ("retry", fid) means: forget what
@@ -34,22 +34,13 @@ from dataclasses import dataclass
 
 from maest_cli.audio.decode import AudioError
 from maest_cli.audio.segments import DecodeStats, iter_file_segments
-from maest_cli.errors import MaestError
+from maest_cli.io.workers import CrashPolicy, die_with_parent
 
 # Segments a worker may decode ahead of what the main process has read (~0.7 MB each at 30 s).
 DECODE_AHEAD = 4
 # A worker that holds files but has sent nothing for this long is stuck (a decoder looping on a
 # hostile file, a hung network mount): it is killed and its current file fails.
 STALL_SECONDS = 300.0
-# A file on which a decoder process died this many times fails (fewer: it is decoded again).
-MAX_CRASHES_PER_FILE = 2
-# Decoder processes that died this many times in a row outside any file (at start-up, say)
-# stop the run: something is wrong with the machine or the install, not with a file.
-MAX_CRASHES_IN_A_ROW = 3
-
-
-class DecodersDied(MaestError, ChildProcessError):
-    """Decoder processes keep dying outside any file; an OSError, so the CLI prints one line."""
 
 
 def file_messages(fid: int, path: str, segment_frames: int, hop: int) -> Iterator[tuple]:
@@ -67,14 +58,6 @@ def file_messages(fid: int, path: str, segment_frames: int, hop: int) -> Iterato
         yield ("error", fid, "decode", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies, so a killed run leaves no orphan decoders."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _decoder_main(wid: int, conn, segment_frames: int, hop: int, ahead: int, current) -> None:
     """A decoder process: tasks (fid, path) or None come in on `conn`, messages go out on it.
 
@@ -83,7 +66,7 @@ def _decoder_main(wid: int, conn, segment_frames: int, hop: int, ahead: int, cur
     holds the fid being decoded, -1 between files: the main process reads it if this dies.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-    _die_with_parent()
+    die_with_parent()
     import torch
 
     torch.set_num_threads(1)
@@ -187,9 +170,8 @@ class DecoderPool:
         self._inbox: collections.deque = collections.deque()
         self._workers: dict[int, _Worker] = {}
         self._next_wid = 0
-        self._crashes: collections.Counter = collections.Counter()  # fid -> workers that died decoding it
+        self._policy = CrashPolicy("decoder", "while decoding this file")
         self._suspects: set[int] = set()  # fids a worker died on: decoded alone, to be sure of the blame
-        self._crashes_in_a_row = 0  # deaths outside any file since the last file ended
         self._closing = False
         self.peak_rss_mb = 0.0
         for _ in range(max(1, min(n_workers, len(files)))):
@@ -197,8 +179,8 @@ class DecoderPool:
 
     @property
     def exhausted(self) -> bool:
-        """Nothing left to hand out and no one left to produce it."""
-        return not self._workers and not self._pending and not self._inbox
+        """Nothing left to hand out and no one left to produce it (and no stop to report)."""
+        return not self._workers and not self._pending and not self._inbox and self._policy.stop is None
 
     def _start_worker(self) -> None:
         wid = self._next_wid
@@ -259,12 +241,15 @@ class DecoderPool:
                 with contextlib.suppress(ValueError):
                     w.assigned.remove(msg[1])
                 self._suspects.discard(msg[1])
-                self._crashes_in_a_row = 0
+                self._policy.finished(msg[1])
                 self._top_up(wid)
             self._inbox.append(msg)
 
     def get(self, block: bool = True):
-        """Next message, or None when none came (within a short wait if `block`)."""
+        """Next message, or None when none came (within a short wait if `block`). Raises
+        WorkersDied once the crash policy stopped the run and what came before is handed out."""
+        if not self._inbox and self._policy.stop is not None:
+            raise self._policy.stop
         if not self._inbox:
             self._receive(0.5 if block else 0.0)
             if not self._inbox:
@@ -291,26 +276,19 @@ class DecoderPool:
             w.proc.join(timeout=5)
         if (not w.assigned and w.proc.exitcode == 0) or self._closing:
             return  # finished normally, or we are shutting down
-        code = w.proc.exitcode
-        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exit code {code}")
         culprit = w.current.value if w.current.value in w.assigned else None
         if culprit is None and w.stalled and w.assigned:
             culprit = w.assigned[0]
         again = [f for f in w.assigned if f != culprit]
         if culprit is None:
-            self._crashes_in_a_row += 1
-            if self._crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
-                raise DecodersDied(f"decoder processes keep dying ({how}, {self._crashes_in_a_row} times in a "
-                                   "row, outside any file): is the machine short of memory or processes?")
+            self._policy.died(w.proc.exitcode)
         elif w.stalled:
             self._inbox.append(("error", culprit, "decode", f"decoding stalled (no output for "
                                 f"{self.stall_seconds:.0f} s); the decoder was killed"))
         else:
-            self._crashes[culprit] += 1
-            if self._crashes[culprit] >= MAX_CRASHES_PER_FILE:
-                self._inbox.append(("error", culprit, "decode", f"decoder process died ({how}) while decoding "
-                                    f"this file, {self._crashes[culprit]} times"))
+            reason = self._policy.died(w.proc.exitcode, culprit, self._paths[culprit])
+            if reason is not None:
+                self._inbox.append(("error", culprit, "decode", reason))
                 self._suspects.discard(culprit)
             else:
                 self._suspects.add(culprit)
@@ -318,7 +296,7 @@ class DecoderPool:
         for fid in again:  # what came of them so far is void: they start again from scratch
             self._inbox.append(("retry", fid))
         self._pending.extendleft(reversed(again))
-        if self._pending:
+        if self._pending and self._policy.stop is None:
             self._start_worker()
 
     def close(self, abort: bool = False) -> None:

@@ -4,11 +4,11 @@ For each preset, in one process:
 - model-only throughput: the model alone on the corpus's own segments, decoded beforehand;
 - end-to-end throughput: `extract` on the MP3/OGG corpus (decoder processes in parallel with
   the model), in its steady state (first decoded segment to last file written);
-- their ratio: the share of model speed that survives decoding (target >= 0.85);
+- their ratio: the share of model speed that survives decoding;
 - fidelity: cosine similarity of each file's track embedding to that of preset `none`, which
   always runs in fp32 (the exact model); every other preset runs at its own dtype.
 Throughput is in audio-minutes per second. This is a measurement, not a test: run it on a quiet
-machine (`python -m maest_cli.bench.fidelity --help`); `maest bench` can call `evaluate_presets`.
+machine (`maest bench fidelity --help`); `maest bench --audio` calls `evaluate_presets`.
 
 Threads: the model (main process) and the decoder processes share the cores. `--threads`
 lists the model thread counts to compare, e.g. `2,1` on 2 cores with 1 worker (all cores, or
@@ -20,7 +20,6 @@ records both variables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,22 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.audio.segments import DecodeStats, hop_frames, iter_file_segments
+from maest_cli.audio.segments import DecodeStats, iter_file_segments
 from maest_cli.audio.synth import write_corpus
 from maest_cli.audio.walk import find_audio_files
 from maest_cli.embed.extraction import ModelRunner, extract
+from maest_cli.embed.spec import InferenceSpec
+from maest_cli.errors import MaestError, UsageError
+from maest_cli.io.artefacts import write_json
 from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST, VARIANTS
 from maest_cli.models.precision import (
     for_inference,
     machine_info,
-    resolve_device,
-    resolve_dtype,
     set_threads,
     torch_threads,
 )
-from maest_cli.models.presets import get_preset
-from maest_cli.models.registry import load_model
 
 DEFAULT_PRESETS = ("none", "fast", "faster", "fastest")
 
@@ -102,21 +100,17 @@ def cosine_to_reference(reference: str | Path, other: str | Path) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def preset_dtype(name: str, preset_dtype: str, dtype: str, device) -> str:
-    """`none` is the exact reference: always fp32. Others: `dtype` if given, else the preset's own."""
-
-    if name == "none":
-        return "fp32"
-    return resolve_dtype(preset_dtype if dtype == "auto" else dtype, device)
+def preset_spec(spec: InferenceSpec, name: str) -> InferenceSpec:
+    """`spec` at preset `name`; `none` is the exact reference of fidelity, so always fp32."""
+    return spec.replace(preset=name, dtype="fp32") if name == "none" else spec.replace(preset=name)
 
 
-def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAULT_PRESETS, dtype: str = "auto",
-                     block: int = 7, workers: int = 1, batch_size: int = 1, work_dir: str | Path | None = None,
-                     timing: bool = True, repeats: int = 1, progress: bool = True,
-                     threads: list[int | None] | None = None, hop: str = "half") -> dict:
-    """Throughput (model-only and end-to-end) and fidelity to `none` of each preset, for each
-    model thread count in `threads` (None: torch's default, all cores). `hop`: the segment hop of
-    extract (half: every second of audio is analysed twice, as in the paper).
+def evaluate_presets(corpus: str | Path, spec: InferenceSpec | None = None, presets=DEFAULT_PRESETS, *,
+                     workers: int = 1, batch_size: int = 1, work_dir: str | Path | None = None, timing: bool = True,
+                     repeats: int = 1, progress: bool = True, threads: list[int | None] | None = None) -> dict:
+    """Throughput (model-only and end-to-end) and fidelity to `none` of each preset of `spec`'s
+    model (its block, dtype, device and extract's hop: half analyses every second twice, as in the
+    paper), for each model thread count in `threads` (None: torch's default, all cores).
 
     `timing=False` skips the model-only runs (fidelity alone). The `none` preset always runs
     first, in fp32: it is the reference for fidelity.
@@ -124,17 +118,19 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
     from rich.console import Console
 
 
+    spec = spec or InferenceSpec(device="cpu")
     console = Console(stderr=True, quiet=not progress)
     presets = ["none", *[p for p in presets if p != "none"]]
+    if not Path(corpus).is_dir():
+        raise UsageError(f"{corpus}: not a directory of audio files")
     files, _ = find_audio_files([corpus], ["mp3", "ogg", "opus", "flac", "wav"])
     if not files:
-        raise FileNotFoundError(f"{corpus}: no audio files")
+        raise UsageError(f"{corpus}: no audio files (mp3, ogg, opus, flac, wav)")
     paths = [f.full_path for f in files]
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="maest-preset-eval-"))
-    device = resolve_device("cpu")
-    lm = load_model(model, device="cpu", progress=progress)
-    cfg = lm.config
-    segments, audio_s = corpus_segments(paths, cfg.frames, hop_frames(hop, cfg.frames)) if timing else ([], 0.0)
+    lm, reference = preset_spec(spec, "none").load(progress=progress)
+    device, block = reference.device, reference.block
+    segments, audio_s = corpus_segments(paths, reference.segment_frames, reference.hop_frames) if timing else ([], 0.0)
     variants = list(dict.fromkeys(threads or [None]))
     cores = os.cpu_count() or 1
     default_threads = torch_threads()
@@ -142,8 +138,9 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
     results = []
     try:
         for name in presets:
-            preset = get_preset(name)
-            dt = preset_dtype(name, preset.dtype, dtype, device)
+            run_spec = preset_spec(spec, name)
+            run = run_spec.resolve(lm.config, lm.default_block, device, model=lm)
+            preset, dt = run.preset, run.dtype
             best_model_only = None  # the model alone at its fastest thread count: what e2e is held to
             rows = []
             for n_threads in variants:
@@ -152,16 +149,18 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
                 row: dict = {"preset": name, "dtype": dt, "threads": n_threads or default_threads,
                              "time_keep_every": preset.time_keep_every, "drop_freq_rows": list(preset.drop_freq_rows)}
                 if timing:
-                    runner = ModelRunner(for_inference(lm.model, dt), device, dt, block, ("cls", "dist", "avg"),
-                                         preset.patchout, False, lm.input_norm)
+                    runner = ModelRunner(for_inference(lm.model, dt), device, dt, run.block, run.tokens,
+                                         run.patchout, False, lm.input_norm)
                     secs = model_only_seconds(runner, segments, batch_size, repeats)
                     row["model_only_audio_min_per_s"] = audio_s / 60 / secs
                     best_model_only = max(best_model_only or 0.0, row["model_only_audio_min_per_s"])
                 console.print(f"preset {name} ({dt}, {row['threads']} threads): extracting {len(paths)} files "
                               "end to end ...")
-                s = extract(paths, work / tag, model=model, preset=name, dtype=dt, block=block, workers=workers,
-                            batch_size=batch_size, threads=n_threads or default_threads, device="cpu", hop=hop,
-                            overwrite=True, progress=False)
+                s = extract(paths, work / tag, run_spec, workers=workers, batch_size=batch_size,
+                            threads=n_threads or default_threads, overwrite=True, progress=False)
+                if not s.n_done:
+                    raise MaestError(f"{corpus}: none of its {len(paths)} audio files could be embedded "
+                                     f"(reasons in {work / tag / '_errors'})")
                 row.update(n_files=s.n_done, n_failed=s.n_failed, audio_minutes=s.audio_seconds / 60,
                            e2e_audio_min_per_s=s.audio_seconds / 60 / s.pipeline_seconds if s.pipeline_seconds
                            else None, e2e_wall_audio_min_per_s=s.audio_min_per_s, e2e_model_seconds=s.model_seconds,
@@ -180,7 +179,7 @@ def evaluate_presets(corpus: str | Path, model: str | None = None, presets=DEFAU
         set_threads(default_threads)
 
 
-    report = {"machine": machine_info(), "model": lm.name, "model_sha256": lm.sha256, "block": block, "hop": hop,
+    report = {"machine": machine_info(), "model": lm.name, "model_sha256": lm.sha256, "block": block, "hop": spec.hop,
               "workers": workers, "batch_size": batch_size, "cores": cores, "thread_variants": variants,
               "environment": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
               "corpus": str(corpus), "n_files": len(paths),
@@ -214,7 +213,7 @@ def random_weights_model(variant: str, where: Path) -> str:
 
 
     if variant not in VARIANTS:
-        raise SystemExit(f"--random-weights {variant!r}: choose one of {', '.join(VARIANTS)}")
+        raise UsageError(f"--random-weights {variant!r}: choose one of {', '.join(VARIANTS)}")
     path = where / f"maest-{variant}-random-seed0.safetensors"
     if not path.exists():
         torch.manual_seed(0)
@@ -223,49 +222,29 @@ def random_weights_model(variant: str, where: Path) -> str:
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maest_cli.bench.fidelity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", required=True, help="Directory of audio; synthetic songs are added up to --songs.")
-    ap.add_argument("--songs", type=int, default=16, help="Synthetic songs to have in --corpus (0: use it as is).")
-    ap.add_argument("--min-s", type=float, default=30.0)
-    ap.add_argument("--max-s", type=float, default=180.0)
-    ap.add_argument("--model", default=None, help="Model name or weights file (default: the registry default).")
-    ap.add_argument("--random-weights", default=None, metavar="VARIANT",
-                    help="Instead of --model: a MAEST of this variant (5s/10s/20s/30s) with random weights, for "
-                         "speed where the official weights are missing (fidelity figures then mean little).")
-    ap.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--block", type=int, default=7)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--hop", default="half", help="Segment hop of extract: half, full or seconds.")
-    ap.add_argument("--threads", default="default",
-                    help="Model thread counts to compare, e.g. 2,1 ('default': torch's, all cores).")
-    ap.add_argument("--repeats", type=int, default=1, help="Model-only timing repeats (median).")
-    ap.add_argument("--no-timing", action="store_true", help="Fidelity only.")
-    ap.add_argument("--work-dir", default=None, help="Where the extractions go (default: a temp dir).")
-    ap.add_argument("--out", default=None, help="Write the report as JSON here.")
-    a = ap.parse_args(argv)
-    try:
-        threads = [None if t.strip() == "default" else int(t) for t in a.threads.split(",") if t.strip()]
-    except ValueError:
-        ap.error(f"--threads {a.threads!r}: expected numbers or 'default', e.g. 2,1")
-    if any(t is not None and t < 1 for t in threads):
-        ap.error("--threads: counts must be >= 1")
-    model = a.model
-    if a.random_weights:
-        model = random_weights_model(a.random_weights, Path(a.work_dir or tempfile.gettempdir()))
-    if a.songs:
-
-        print(f"writing {a.songs} synthetic songs to {a.corpus} (kept for later runs) ...", file=sys.stderr)
-        write_corpus(a.corpus, a.songs, min_s=a.min_s, max_s=a.max_s)
-    report = evaluate_presets(a.corpus, model, [p for p in a.presets.split(",") if p], a.dtype, a.block,
-                              a.workers, a.batch_size, a.work_dir, timing=not a.no_timing, repeats=a.repeats,
-                              threads=threads, hop=a.hop)
-    if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_fidelity(corpus: str | Path, spec: InferenceSpec | None = None, presets=DEFAULT_PRESETS, *,
+                 songs: int = 16, min_s: float = 30.0, max_s: float = 180.0, random_weights: str | None = None,
+                 workers: int = 1, batch_size: int = 1, work_dir: str | Path | None = None, timing: bool = True,
+                 repeats: int = 1, threads: list[int | None] | None = None, out: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """`maest bench fidelity`: evaluate_presets on CORPUS, after topping it up with `songs`
+    synthetic songs (kept for later runs); `random_weights` VARIANT replaces spec's model by a
+    seeded random MAEST of that variant (for speed where the weights are missing)."""
+    spec = spec or InferenceSpec(device="cpu")
+    if songs < 0 or not 0 < min_s <= max_s:
+        raise UsageError("--songs must be >= 0 and 0 < --min-s <= --max-s")
+    if Path(corpus).exists() and not Path(corpus).is_dir():
+        raise UsageError(f"--corpus {corpus}: not a directory")
+    if any(n is not None and n < 1 for n in threads or []):
+        raise UsageError("--threads: counts must be >= 1")
+    if random_weights:
+        spec = spec.replace(model=random_weights_model(random_weights, Path(work_dir or tempfile.gettempdir())))
+    if songs:
+        if progress:
+            print(f"writing {songs} synthetic songs to {corpus} (kept for later runs) ...", file=sys.stderr)
+        write_corpus(corpus, songs, min_s=min_s, max_s=max_s)
+    report = evaluate_presets(corpus, spec, presets, workers=workers, batch_size=batch_size, work_dir=work_dir,
+                              timing=timing, repeats=repeats, progress=progress, threads=threads)
+    if out:
+        write_json(out, report)
+    return report

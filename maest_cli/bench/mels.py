@@ -1,4 +1,4 @@
-"""How close `maest prepare-mels` comes to the machine's decode limit (issue 4), as ratios
+"""How close `maest prepare-mels` comes to the machine's decode limit, as ratios
 measured in the same rounds.
 
 For each format (MP3, OGG) and worker count (1, 2), interleaved over --repeats rounds:
@@ -13,21 +13,23 @@ Audio-minutes per second, median and min-max, and each as a share of the round's
 The files are 44.1 kHz stereo songs from synth.py (3 minutes each by default), written once to --work.
 Not a test: run it on a quiet machine.
 
-    .venv/bin/python -m maest_cli.bench.mels --files 20 --repeats 3 --out bench-mels.json
+    maest bench mels --files 20 --repeats 3 --out bench-mels.json
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from maest_cli.audio.decode import SAMPLE_RATE, iter_audio
 from maest_cli.audio.synth import write_corpus
+from maest_cli.io.artefacts import check_out_file, check_work_dir
+from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import tool_versions, write_json
 from maest_cli.mels.prepare import decoder_pool, prepare_mels
 from maest_cli.mels.writer import SECONDS_PER_FRAME
@@ -127,27 +129,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=20, help="files per format")
-    ap.add_argument("--seconds", type=float, default=180, help="length of each file")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--work", type=Path, default=Path("bench-mels-data"))
-    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
-    args = ap.parse_args(argv)
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if args.files < 2 or args.repeats < 1 or not set(formats) <= set(FORMATS):
-        ap.error(f"--files >= 2, --repeats >= 1, --formats from {', '.join(FORMATS)}")
-    result = run(args.work, args.files, args.repeats, [int(w) for w in args.workers.split(",")], formats,
-                 args.seconds)
-    print(table(result))
-    if args.out:
-
-        write_json(args.out, result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_mels_bench(work: str | Path = "bench-mels-data", files: int = 20, repeats: int = 3,
+                   workers: Sequence[int] = (1, 2), formats: Sequence[str] = FORMATS, seconds: float = 180,
+                   out: str | Path | None = None) -> dict:
+    """`run` with its options checked first (a UsageError naming the option), the figures also
+    written as JSON to `out` when given: what `maest bench mels` calls."""
+    formats = [f.strip().lower() for f in formats if f.strip()]
+    if files < 2:
+        raise UsageError(f"--files {files}: at least 2 files per format")
+    if repeats < 1:
+        raise UsageError(f"--repeats {repeats}: at least 1 round")
+    if seconds <= 0:
+        raise UsageError(f"--seconds {seconds}: a file lasts more than 0 seconds")
+    if not workers or any(w < 1 for w in workers):
+        raise UsageError(f"--workers {','.join(map(str, workers))}: decoder process counts of 1 or more")
+    if not formats or not set(formats) <= set(FORMATS):
+        raise UsageError(f"--formats {','.join(formats)}: choose from {', '.join(FORMATS)}")
+    work = Path(work)
+    check_work_dir(work)
+    check_out_file(out)
+    result = run(work, files, repeats, list(workers), formats, seconds)
+    if out:
+        write_json(out, result)
+    return result

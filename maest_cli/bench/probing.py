@@ -5,20 +5,21 @@ The embeddings and tags are synthetic (tags a noisy linear function of the embed
 probe has something to learn and runs its full schedule), written in `maest extract`'s format
 and read back by `maest probe custom` like any other. Not a test: run it on a quiet machine.
 
-    .venv/bin/python -m maest_cli.bench.probing --tracks 25000 --dim 2304 --grid quick --seeds 3 --out bench-probe.json
+    maest bench probe --tracks 25000 --dim 2304 --grid quick --seeds 3 --out bench-probe.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from maest_cli.io.artefacts import check_out_file, check_work_dir
+from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import write_atomic, write_json
+from maest_cli.probing.fit import load_grid
 from maest_cli.probing.run import probe
 
 
@@ -51,32 +52,29 @@ def write_dataset(root: Path, tracks: int, dim: int, tags: int, seed: int = 0) -
     return emb, labels
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tracks", type=int, default=25_000)
-    ap.add_argument("--dim", type=int, default=2304)
-    ap.add_argument("--tags", type=int, default=50)
-    ap.add_argument("--grid", default="quick")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--work", type=Path, default=Path("bench-probe-data"))
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args(argv)
-
-
+def run_probe_bench(work: str | Path = "bench-probe-data", tracks: int = 25_000, dim: int = 2304, tags: int = 50,
+                    grid: str = "quick", seeds: int = 3, threads: int | None = None,
+                    out: str | Path | None = None) -> dict:
+    """Write the synthetic dataset to WORK, probe it, and return (and write to `out`, as JSON)
+    the timing report: what `maest bench probe` calls."""
+    for option, value, least in (("--tracks", tracks, 20), ("--dim", dim, 1), ("--tags", tags, 1),
+                                 ("--seeds", seeds, 1)):
+        if value < least:
+            raise UsageError(f"{option} {value}: at least {least}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: at least 1")
+    work = Path(work)
+    check_work_dir(work)
+    check_out_file(out)
+    load_grid(grid)  # a bad --grid fails before the dataset is written
     t0 = time.perf_counter()
-    emb, labels = write_dataset(a.work, a.tracks, a.dim, a.tags)
+    emb, labels = write_dataset(work, tracks, dim, tags)
     made = time.perf_counter() - t0
-    res = probe("custom", dataset_root=labels, embeddings=emb, grid=a.grid, seeds=a.seeds, device="cpu",
-                threads=a.threads, out=a.work / "results", resume=False, overwrite=True, log=None)
-    report = {"tracks": a.tracks, "dim": a.dim, "tags": a.tags, "grid": a.grid, "grid_points": res["grid"]["n_points"],
-              "seeds": a.seeds, "threads": res["environment"]["threads"], "timing_s": res["timing_s"],
+    res = probe("custom", dataset_root=labels, embeddings=emb, grid=grid, seeds=seeds, device="cpu",
+                threads=threads, out=work / "results", resume=False, overwrite=True, log=None)
+    report = {"tracks": tracks, "dim": dim, "tags": tags, "grid": grid, "grid_points": res["grid"]["n_points"],
+              "seeds": seeds, "threads": res["environment"]["threads"], "timing_s": res["timing_s"],
               "data_seconds": round(made, 1), "test_map": res["test"]["pr_auc"], "test_roc_auc": res["test"]["roc_auc"]}
-    print(json.dumps(report, indent=2))
-    if a.out:
-        write_json(a.out, report)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if out:
+        write_json(out, report)
+    return report

@@ -37,8 +37,10 @@ from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
 from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
 from maest_cli.audio.walk import find_audio_files
 from maest_cli.bench.fidelity import evaluate_presets, random_weights_model
+from maest_cli.embed.spec import InferenceSpec, choose_device
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import write_png
+from maest_cli.models.checkpoints import PAPER_BLOCK
 from maest_cli.models.effnet import (
     PATCH_FRAMES,
     EfficientNetB0,
@@ -54,12 +56,11 @@ from maest_cli.models.precision import (
     DTYPES,
     QUANTISED,
     autocast,
+    choose_dtype,
     cpu_has_native_bf16,
     for_inference,
     machine_info,
     quantize_linear_int8,
-    resolve_device,
-    resolve_dtype,
     set_threads,
     torch_threads,
 )
@@ -350,16 +351,18 @@ def parse_probe_results(specs: list[str] | None) -> dict[str, dict]:
     return out
 
 
-def run_bench(model: str | None = None, variant: str = "30s", block: int | None = 7,
-              presets: str | list[str] | None = "all", baseline: str = "effnet-b0", device: str = "cpu",
-              dtype: str = "auto", threads: int | None = None, audio: str | Path | None = None, workers: int = 1,
-              hop: str = "half", repeats: int = 5, warmup: int = 1, probe_results: list[str] | None = None,
-              plot: str | Path | None = None, compile_baseline: bool = False, console=None) -> dict:
+def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | None = "all", variant: str = "30s",
+              full_model: bool = False, baseline: str = "effnet-b0", threads: int | None = None,
+              audio: str | Path | None = None, workers: int = 1, repeats: int = 5, warmup: int = 1,
+              probe_results: list[str] | None = None, plot: str | Path | None = None,
+              compile_baseline: bool = False, console=None) -> dict:
     """Time every preset and the baseline side by side; return the report (`print_report` shows
-    it; `plot` gets `plot_report`'s PNG). `block` None: all blocks and the classifier head."""
+    it; `plot` gets `plot_report`'s PNG). `spec` is what each preset varies: its model (None:
+    random weights of `variant`, which take the same time), block (None: the model's default),
+    device, dtype and, for `audio`, extract's hop. `full_model`: all blocks and the classifier head."""
     from rich.console import Console
 
-
+    spec = spec or InferenceSpec(device="cpu")
     console = console or Console(stderr=True, highlight=False)
     say = (lambda m: console.print(m, markup=False, soft_wrap=True))
     # -- options, all checked before anything slow
@@ -371,17 +374,14 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
         raise UsageError("--threads must be >= 1")
     if workers < 0:
         raise UsageError("--workers must be >= 0")
-    dev = resolve_device(device)
-    plan = [(p, resolve_dtype(p.dtype if dtype == "auto" else dtype, dev)) for p in resolve_presets(presets)]
-    base_dtype = resolve_dtype(dtype, dev)
-    used = {dt for _, dt in plan} | ({base_dtype} if baseline != "none" else set())
-    if "bf16" in used and dev.type == "cpu" and not cpu_has_native_bf16():
-        raise UsageError("--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); emulated bf16 runs "
-                         "hundreds of times slower than fp32 (minutes per 30 s forward); bench fp32 or int8 here")
+    if spec.model is None and variant not in VARIANTS:
+        raise UsageError(f"--variant {variant!r}: choose from {', '.join(VARIANTS)}")
+    dev = choose_device(spec.device)
+    specs = [spec.replace(preset=p.name) for p in resolve_presets(presets)]
+    base_precision = choose_dtype(spec.dtype, dev)
     probes = parse_probe_results(probe_results)
     audio_paths: list[str] = []
     if audio is not None:
-
         found, _ = find_audio_files([audio], AUDIO_EXTENSIONS)
         audio_paths = [f.full_path for f in found]
         if not audio_paths:
@@ -395,42 +395,41 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
             raise UsageError("--plot needs matplotlib: pip install 'maest-cli[bench]' (or pip install matplotlib)")
         if not Path(plot).parent.is_dir():
             raise UsageError(f"--plot {plot}: no such directory {Path(plot).parent}")
-    if model is None and variant not in VARIANTS:
-        raise UsageError(f"--variant {variant!r}: choose from {', '.join(VARIANTS)}")
 
     threads_before = torch_threads()
     work = tempfile.TemporaryDirectory(prefix="maest-bench-") if audio_paths else None
     try:
         set_threads(threads)
         # -- the model: given, or random weights of a variant (the time is the same)
-        model_path, sha = None, None
-        if model is None and audio_paths:
-
+        model, model_path, sha = spec.model, None, None
+        random_weights = model is None
+        if random_weights and audio_paths:  # extract needs a weights file
             model = random_weights_model(variant, Path(work.name))
-            random_weights = True
-        else:
-            random_weights = model is None
         if model is not None:
-
             lm = load_model(model, device=str(dev))
             net, name, model_path, sha = lm.model.eval(), lm.name, lm.path, lm.sha256
+            default = lm.default_block
         else:
             torch.manual_seed(0)
             net, name = MAEST(VARIANTS[variant]).to(dev).eval(), f"maest-{variant}-random"
+            default = PAPER_BLOCK
+        if random_weights:
+            name = f"maest-{variant}-random"
         cfg = net.cfg
         frames = cfg.frames
-        if block is not None and not 1 <= block <= cfg.depth:
-            raise UsageError(f"--block {block}: this model has blocks 1..{cfg.depth} (0: all and the head)")
-        for p, _ in plan:
-            try:
-                p.patchout.freq_index(cfg.f_patches)
-            except ValueError as e:
-                raise UsageError(f"preset {p.name}: {e}") from None
+        plan = [s.resolve(cfg, default, dev) for s in specs]
+        for note in dict.fromkeys(r.dtype_note for r in [*plan] if r.dtype_note):
+            say(f"maest bench: {note}")
+        if base_precision.note and not any(r.dtype_note for r in plan):
+            say(f"maest bench: {base_precision.note}")
+        base_dtype = base_precision.dtype
+        block = None if full_model else plan[0].block
+        used = {r.dtype for r in plan}
 
         # -- contenders, timed side by side
         quantised = for_inference(net, "int8") if "int8" in used else None
-        contenders = [maest_contender(p.name, quantised if dt == "int8" else net, cfg, frames, block, p.patchout,
-                                      dt, dev) for p, dt in plan]
+        contenders = [maest_contender(r.preset.name, quantised if r.dtype == "int8" else net, cfg, frames, block,
+                                      r.preset.patchout, r.dtype, dev) for r in plan]
         if baseline != "none":
             if compile_baseline:
                 say("compiling the baseline (torch.compile, inductor): tens of seconds ...")
@@ -455,10 +454,11 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
         e2e = None
         if audio_paths:
 
-            say(f"end to end: {len(audio_paths)} files from {audio}, {workers} decoder workers, hop {hop} ...")
-            ev = evaluate_presets(audio, model, [p.name for p, _ in plan], dtype, block or cfg.depth, workers,
+            say(f"end to end: {len(audio_paths)} files from {audio}, {workers} decoder workers, hop {spec.hop} ...")
+            ev = evaluate_presets(audio, spec.replace(model=model, block=block or cfg.depth, device=str(dev)),
+                                  [r.preset.name for r in plan], workers=workers,
                                   work_dir=Path(work.name) / "extract", timing=False, progress=False,
-                                  threads=[threads], hop=hop)
+                                  threads=[threads])
             by_name = {r["preset"]: r for r in ev["results"]}
             for r in rows:
                 e = by_name.get(r["name"])
@@ -466,7 +466,7 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
                     r.update(e2e_dtype=e["dtype"], e2e_audio_min_per_s=e["e2e_audio_min_per_s"],
                              cosine_mean=e["cosine_mean"], cosine_min=e["cosine_min"], n_files_failed=e["n_failed"])
             e2e = {"audio": str(audio), "n_files": len(audio_paths), "audio_minutes": ev["corpus_audio_minutes"],
-                   "workers": workers, "hop": hop, "fidelity_reference": "preset none in fp32"}
+                   "workers": workers, "hop": spec.hop, "fidelity_reference": "preset none in fp32"}
             if base:
                 b = effnet_end_to_end(audio_paths, frames, base_dtype, dev, workers)
                 base.update(e2e_audio_min_per_s=b["audio_min_per_s"], e2e_patches=b["patches"],
@@ -486,8 +486,8 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
                 f"EfficientNet-B0 takes the same frames as Discogs-EffNet patches (128 frames, hop 62) in one batch; "
                 f"audio-min/s = {seg_s:g} s / 60 / seconds per call")
     if audio_paths:
-        counting += (f". End to end counts each file's duration once; extract with hop {hop} analyses "
-                     f"{'every second twice' if hop == 'half' else 'segments at that hop'}, the baseline takes one "
+        counting += (f". End to end counts each file's duration once; extract with hop {spec.hop} analyses "
+                     f"{'every second twice' if spec.hop == 'half' else 'segments at that hop'}, the baseline takes one "
                      "hop-62 patch grid per file")
     report = {
         "format": FORMAT, "machine": machine_info(), "device": str(dev), "threads": torch.get_num_threads()
@@ -498,53 +498,12 @@ def run_bench(model: str | None = None, variant: str = "30s", block: int | None 
         "counting": counting, "load_average": {"before": load_before[0], "after": load_after[0]},
         "peak": peak, "results": rows, "baseline": base, "end_to_end": e2e,
     }
-    report["targets"] = check_targets(report)
     if plot is not None:
         plot_report(report, plot)
     return report
 
 
 # ------------------------------------------------------------------ reading the figures
-
-def check_targets(report: dict) -> list[dict]:
-    """Issue 7's targets (30 s model, embedding after 7 blocks), each met or not, with why."""
-    rows = {r["name"]: r for r in report["results"]}
-    base = report.get("baseline")
-    applies = report["frames"] == 1876 and report["block"] == 7
-    out = []
-
-    def add(target: str, value, met, note: str = "") -> None:
-        out.append({"target": target, "value": value, "met": met, "applies": applies, "note": note})
-
-    native = report["machine"]["native_bf16"]
-    why_bf16 = "" if native else "this CPU has no native bf16: fp32/int8 figures instead"
-    for name in ("none", "none-int8"):
-        if name in rows:
-            r = rows[name]
-            add(f"{name}: >= 0.6 audio-min/s (bf16 in the issue; here {r['dtype']})",
-                r["audio_min_per_s"], r["audio_min_per_s"] >= 0.6, why_bf16)
-    for name in ("fast", "fast-int8"):
-        if name in rows:
-            add(f"{name}: >= 4 audio-min/s ({rows[name]['dtype']})", rows[name]["audio_min_per_s"],
-                rows[name]["audio_min_per_s"] >= 4)
-    if base:
-        faithful = [r for r in report["results"] if r.get("cosine_mean") is not None and r["cosine_mean"] >= 0.95]
-        if report.get("end_to_end") is None:
-            add("best preset with fidelity >= 0.95: >= 50% of EfficientNet-B0", None, None,
-                "fidelity unknown: run with --audio DIR")
-        elif not faithful:
-            add("best preset with fidelity >= 0.95: >= 50% of EfficientNet-B0", None, False,
-                "no preset reached cosine 0.95 to none")
-        else:
-            best = max(faithful, key=lambda r: r["ratio_to_baseline"])
-            add(f"best preset with fidelity >= 0.95 ({best['name']}, cosine {best['cosine_mean']:.3f}): >= 50% of "
-                "EfficientNet-B0", best["ratio_to_baseline"], best["ratio_to_baseline"] >= 0.5,
-                "fidelity on random weights means little" if report["model"]["random_weights"] else "")
-    if "none" in rows:
-        add(f"none: efficiency >= 60% of the {rows['none']['dtype']} GEMM peak", rows["none"]["efficiency"],
-            rows["none"]["efficiency"] >= 0.6)
-    return out
-
 
 def print_report(report: dict, console) -> None:
     from rich.table import Table
@@ -582,13 +541,6 @@ def print_report(report: dict, console) -> None:
     console.print(f"counting: {report['counting']}", markup=False, soft_wrap=True)
     if report["model"]["random_weights"] and report.get("end_to_end"):
         console.print("fidelity is measured on random weights: it says little about a trained model",
-                      markup=False, soft_wrap=True)
-    for tg in report["targets"]:
-        state = {True: "met", False: "NOT met", None: "unknown"}[tg["met"]]
-        value = tg["value"]
-        shown = "-" if value is None else f"{value:.2f}" if "efficiency" not in tg["target"] else f"{value:.0%}"
-        console.print(f"target {tg['target']}: {shown} -> {state}" + (f" ({tg['note']})" if tg["note"] else "")
-                      + ("" if tg["applies"] else " [targets are for the 30 s model at block 7]"),
                       markup=False, soft_wrap=True)
 
 

@@ -69,6 +69,7 @@ from maest_cli.demo.scores import (
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import sha256_file, tool_versions, write_atomic, write_json
 from maest_cli.io.config import ConfigError, read_toml
+from maest_cli.io.workers import TaskDied, WorkerPool, WorkersDied
 
 FORMAT = "maest-corpus/1"
 MANIFEST = "manifest.json"
@@ -465,34 +466,10 @@ def render_job(piece_file: str, out_file: str, params_json: dict, sample_rate: i
 
 # ---------------------------------------------------------------- running jobs
 
-class _Pool:
-    """Jobs in worker processes (spawned: no state inherited from the caller), or in this
+def _pool(workers: int) -> WorkerPool:
+    """Jobs in worker processes under the crash policy of every pool (io/workers.py), or in this
     process when workers == 1 (tests, debugging)."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.executor = None
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-    def submit(self, fn, *args):
-        if self.executor is not None:
-            return self.executor.submit(fn, *args)
-        from concurrent.futures import Future
-
-        f = Future()
-        try:
-            f.set_result(fn(*args))
-        except Exception as e:  # noqa: BLE001 - delivered like a worker's exception
-            f.set_exception(e)
-        return f
-
-    def close(self, cancel: bool = False) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=cancel)
+    return WorkerPool(workers if workers > 1 else 0, role="corpus worker")
 
 
 def _wait_any(futures: set):
@@ -513,10 +490,11 @@ def _piece_file(work: Path, piece_id: str) -> Path:
 
 
 def read_pieces(ordered: dict[str, list[Source]], needed: dict[str, int], roots: dict[str, str], work: Path,
-                pool: _Pool, log: Log) -> tuple[dict[str, list[Source]], dict[str, dict]]:
+                pool: WorkerPool, log: Log) -> tuple[dict[str, list[Source]], dict[str, dict]]:
     """The first `needed[c]` usable candidates of each collection, in candidate order, reading
     (in parallel) only as many as that takes; results are kept in work/pieces. Returns the
-    chosen sources and the status of every candidate read."""
+    chosen sources and the status of every candidate read. A score that kills its reader is
+    unusable (and not kept: a rerun reads it again)."""
     status: dict[str, dict] = {}
     nxt = {c: 0 for c in ordered}
     good: dict[str, list[int]] = {c: [] for c in ordered}
@@ -542,7 +520,8 @@ def read_pieces(ordered: dict[str, list[Source]], needed: dict[str, int], roots:
                 except (OSError, json.JSONDecodeError, KeyError):
                     pass  # torn or foreign: read it again
             outstanding[col] += 1
-            running[pool.submit(read_job, roots[col], src.path, src.piece_id, src.tune)] = (col, idx)
+            running[pool.submit_task(read_job, (roots[col], src.path, src.piece_id, src.tune), label=src.path,
+                                     doing="while reading this score")] = (col, idx)
 
     for col in ordered:
         fill(col)
@@ -550,11 +529,15 @@ def read_pieces(ordered: dict[str, list[Source]], needed: dict[str, int], roots:
         for fut in _wait_any(set(running)):
             col, idx = running.pop(fut)
             outstanding[col] -= 1
-            result = fut.result()
             src = ordered[col][idx]
-            target = _piece_file(work, src.piece_id)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(target, json.dumps(result, separators=(",", ":")))
+            try:
+                result = fut.result()
+            except TaskDied as e:
+                result = {"status": "unusable", "reason": e.reason}
+            else:
+                target = _piece_file(work, src.piece_id)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, json.dumps(result, separators=(",", ":")))
             settle(col, idx, result)
             fill(col)
         now = time.monotonic()
@@ -671,7 +654,7 @@ def build_corpus(out: str | os.PathLike, *, clips: int | None = None, seed: int 
     empty = [c for c, v in ordered.items() if not v]
     if empty:
         raise UsageError(f"collection {empty[0]}: no score files match its patterns under {roots[empty[0]]}")
-    pool = _Pool(workers)
+    pool = _pool(workers)
     try:
         # 2. read
         chosen, status = read_pieces(ordered, {c: n for c, (_, n) in shares.items()}, roots, work, pool, log)
@@ -691,15 +674,15 @@ def build_corpus(out: str | os.PathLike, *, clips: int | None = None, seed: int 
                    if k in path_of and path_of[k].is_file() and path_of[k].stat().st_size == r["bytes"]}
         errors = _render_all(planned, records, out, work, journal, cfg, renderer, pool, log)
     except BaseException:
-        pool.close(cancel=True)
+        pool.shutdown(cancel_futures=True)
         raise
-    pool.close()
+    pool.shutdown()
     return _finalize(out, cfg, seed, options, ordered, status, sources, pieces, planned, records, errors,
                      time.monotonic() - t_start, min_tag_train_clips, log)
 
 
 def _render_all(planned: list[PlannedClip], records: dict[str, dict], out: Path, work: Path, journal: Path,
-                cfg: CorpusConfig, renderer, pool: _Pool, log: Log) -> dict[str, str]:
+                cfg: CorpusConfig, renderer, pool: WorkerPool, log: Log) -> dict[str, str]:
     todo = [c for c in planned if c.clip_id not in records]
     errors: dict[str, str] = {}
     if not todo:
@@ -708,7 +691,7 @@ def _render_all(planned: list[PlannedClip], records: dict[str, dict], out: Path,
     t0, last, done = time.monotonic(), time.monotonic(), 0
     # jobs in flight: enough to keep the workers busy, few to lose on a kill; one at a time in
     # this process, so that each finished clip is journalled before the next starts
-    window = 1 if pool.executor is None else 4 * pool.workers
+    window = 4 * pool.workers or 1
     queue = iter(todo)
     running: dict = {}
 
@@ -718,8 +701,8 @@ def _render_all(planned: list[PlannedClip], records: dict[str, dict], out: Path,
             if c is None:
                 return
             piece_file = str(_piece_file(work, c.params.piece_id))
-            running[pool.submit(render_job, piece_file, str(out / c.path), c.params.to_json(), cfg.sample_rate,
-                                renderer)] = c
+            args = (piece_file, str(out / c.path), c.params.to_json(), cfg.sample_rate, renderer)
+            running[pool.submit_task(render_job, args, label=c.clip_id, doing="while rendering this clip")] = c
 
     with open(journal, "a", encoding="utf-8") as jf:
         top_up()
@@ -728,12 +711,10 @@ def _render_all(planned: list[PlannedClip], records: dict[str, dict], out: Path,
                 c = running.pop(fut)
                 try:
                     rec = fut.result()
+                except WorkersDied:
+                    raise
                 except Exception as e:  # noqa: BLE001 - one clip fails, the build goes on
-                    from concurrent.futures.process import BrokenProcessPool
-
-                    if isinstance(e, BrokenProcessPool):
-                        raise
-                    errors[c.clip_id] = f"{type(e).__name__}: {e}"
+                    errors[c.clip_id] = e.reason if isinstance(e, TaskDied) else f"{type(e).__name__}: {e}"
                     log(f"corpus: {c.clip_id}: {errors[c.clip_id]}")
                     continue
                 jf.write(json.dumps(rec, separators=(",", ":")) + "\n")

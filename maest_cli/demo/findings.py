@@ -36,6 +36,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,21 +52,21 @@ from maest_cli.embed.sweep import (
     block_dir,
     run_sweep,
 )
+from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import sha256_file, tool_versions, write_json
 from maest_cli.io.config import ConfigError
+from maest_cli.io.workers import TaskDied, WorkerPool
 from maest_cli.mels.dataset import DatasetError, MelDataset
 from maest_cli.mels.prepare import prepare_mels
 from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST
 from maest_cli.models.precision import (
-    cpu_has_native_bf16,
+    choose_dtype,
     for_inference,
     machine_info,
-    resolve_device,
-    resolve_dtype,
 )
-from maest_cli.models.presets import get_preset, load_presets
+from maest_cli.models.presets import load_presets
 from maest_cli.models.registry import load_model
 from maest_cli.probing.data import ProbeError
 from maest_cli.probing.run import probe
@@ -105,6 +106,10 @@ class FindingsOptions:
     repeats: int = 5  # bench rounds
     warmup: int = 1
     compile_baseline: bool = True  # torch.compile EfficientNet-B0 for the bench, as `make bench` does
+
+    def spec(self, preset: str = "none") -> InferenceSpec:
+        """What the embeddings of `preset` are made with (blocks and tokens: each sweep's own)."""
+        return InferenceSpec(model=self.model, preset=preset, hop=self.hop, device=self.device)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -351,11 +356,12 @@ def run_probes(jobs: list[ProbeJob], work: Path, grid: str, n_jobs: int, log: Lo
     log(f"findings: {len(todo)} probes to run ({len(jobs) - len(todo)} cached), {n_jobs} at a time")
     t0, last = time.perf_counter(), time.perf_counter()
 
-    def keep(job: ProbeJob, inputs: dict, result: dict, k: int) -> None:
+    def keep(job: ProbeJob, inputs: dict, result: dict, k: int, cache: bool = True) -> None:
         nonlocal last
-        f = job.cache_file(work, grid)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        write_json(f, {"job": asdict(job), "grid": grid, "inputs": inputs, "result": result})
+        if cache:
+            f = job.cache_file(work, grid)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_json(f, {"job": asdict(job), "grid": grid, "inputs": inputs, "result": result})
         out[job] = result
         if "error" in result:
             log(f"findings: probe {job.task} on {job.embeddings}: {result['error']}")
@@ -369,15 +375,19 @@ def run_probes(jobs: list[ProbeJob], work: Path, grid: str, n_jobs: int, log: Lo
         for k, (job, inputs) in enumerate(todo, 1):
             keep(job, inputs, probe_one(job, grid), k)
         return out
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(probe_one, job, grid, 1): (job, inputs) for job, inputs in todo}
+    pool = WorkerPool(n_jobs, role="probe", doing="while probing")
+    try:
+        futures = {pool.submit_task(probe_one, (job, grid, 1), label=f"probe {job.task} on {job.embeddings}"):
+                   (job, inputs) for job, inputs in todo}
         for k, fut in enumerate(as_completed(futures), 1):
             job, inputs = futures[fut]
-            keep(job, inputs, fut.result(), k)
+            try:
+                result, cache = fut.result(), True
+            except TaskDied as e:  # the crash policy's one line; not cached, so a rerun probes it again
+                result, cache = {"error": e.reason}, False
+            keep(job, inputs, result, k, cache)
+    finally:
+        pool.shutdown(cancel_futures=True)
     return out
 
 
@@ -403,24 +413,25 @@ def _num(v) -> bool:
 
 # ------------------------------------------------------------------ timing
 
-def bench_models(lm, eff, block: int, preset_names: Sequence[str], device: str, repeats: int, warmup: int,
+def bench_models(lm, eff, spec: InferenceSpec, preset_names: Sequence[str], repeats: int, warmup: int,
                  log: Log, compile_baseline: bool = True) -> dict:
     """Model-only audio-min/s of every preset (MAEST to `block`) and of the trained EfficientNet-B0
-    on the same segment, timed side by side by maest_cli.bench.throughput's machinery."""
+    on the same segment, timed side by side by maest_cli.bench.throughput's machinery. Each preset
+    runs at the dtype the one precision rule gives it (models.precision.choose_dtype)."""
     import torch
 
-
-    dev = resolve_device(device)
     net, cfg = lm.model.eval(), lm.config
     frames = cfg.frames
-    plan = [(p, resolve_dtype(p.dtype, dev)) for p in (get_preset(n) for n in preset_names)]
-    plan = [(p, dt) for p, dt in plan if not (dt == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16())]
-    quantised = for_inference(net, "int8") if any(dt == "int8" for _, dt in plan) else None
-    contenders = [bench.maest_contender(p.name, quantised if dt == "int8" else net, cfg, frames, block, p.patchout,
-                                        dt, dev) for p, dt in plan]
+    plan = [spec.replace(preset=n).resolve(cfg, lm.default_block, model=lm) for n in preset_names]
+    dev, block = plan[0].device, plan[0].block
+    for note in dict.fromkeys(r.dtype_note for r in plan if r.dtype_note):
+        log(f"findings: {note}")
+    quantised = for_inference(net, "int8") if any(r.dtype == "int8" for r in plan) else None
+    contenders = [bench.maest_contender(r.preset.name, quantised if r.dtype == "int8" else net, cfg, frames, block,
+                                        r.preset.patchout, r.dtype, dev) for r in plan]
     # The baseline gets every trick MAEST gets and those of `maest bench`: the dtype `auto` gives
     # here (bf16 on CPUs with native bf16), BatchNorm folded, channels_last, torch.compile.
-    effnet = bench.effnet_contender(frames, resolve_dtype("auto", dev), dev, model=eff.model,
+    effnet = bench.effnet_contender(frames, choose_dtype(spec.dtype, dev).dtype, dev, model=eff.model,
                                     compile_model=compile_baseline)
     effnet.info["weights"] = eff.path
     contenders.append(effnet)
@@ -462,6 +473,15 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
         raise UsageError(f"--presets: unknown {', '.join(unknown)} (known: {', '.join(table)})")
     if "none" not in preset_names:
         preset_names.insert(0, "none")
+    # the inputs that are given are checked before the corpus is built (that takes minutes)
+    lm = load_model(opts.model, device=opts.device)
+    if opts.effnet:
+        load_effnet(opts.effnet, device=opts.device)
+    if opts.mels:
+        try:
+            MelDataset(opts.mels)
+        except DatasetError as e:
+            raise UsageError(f"--mels: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps(work, log)
@@ -474,8 +494,6 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
     if missing:
         raise UsageError(f"--tasks: unknown {', '.join(missing)} (this corpus has {', '.join(task_files)})")
     downstream = corpus / "downstream"
-
-    lm = load_model(opts.model, device=opts.device)
     depth = lm.config.depth
     mkey = model_key(lm)
     rnd = steps.run("random-weights", lambda: random_twin(lm, work, opts.random_seed, opts.device))
@@ -500,11 +518,9 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
 
     sweeps = {}
     sweeps["maest"] = steps.run("embed-maest", lambda: sweep(lm.name, MaestSweep(
-        lm, emb / mkey / "none", token_stacks=opts.token_stacks, hop=opts.hop, device=opts.device,
-        batch_size=opts.batch_size)))
+        lm, emb / mkey / "none", opts.spec(), token_stacks=opts.token_stacks, batch_size=opts.batch_size)))
     sweeps["random"] = steps.run("embed-random", lambda: sweep(rnd.name, MaestSweep(
-        rnd, emb / rkey / "none", token_stacks=[STACK_ALL], hop=opts.hop, device=opts.device,
-        batch_size=opts.batch_size)))
+        rnd, emb / rkey / "none", opts.spec(), token_stacks=[STACK_ALL], batch_size=opts.batch_size)))
     ekey = f"effnet-b0-{eff.sha256[:12]}"
     sweeps["effnet"] = steps.run("embed-effnet", lambda: sweep(eff.name, EffNetEmbedder(
         eff, emb / ekey, device=opts.device)))
@@ -532,8 +548,8 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
         if p == "none":
             continue
         sweeps[f"preset-{p}"] = steps.run(f"embed-preset-{p}", lambda p=p: sweep(f"{lm.name} {p}", MaestSweep(
-            lm, emb / mkey / p, blocks=[pblock], token_stacks=[STACK_ALL], preset=p, hop=opts.hop,
-            device=opts.device, batch_size=opts.batch_size)))
+            lm, emb / mkey / p, opts.spec(p), blocks=[pblock], token_stacks=[STACK_ALL],
+            batch_size=opts.batch_size)))
     heads = {}
     for t in tasks:
         lab = str(task_files[t])
@@ -555,8 +571,8 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
     def bench_step() -> dict:
         if bench_file.is_file():
             return json.loads(bench_file.read_text())
-        report = bench_models(lm, eff, pblock, preset_names, opts.device, opts.repeats, opts.warmup, log,
-                              opts.compile_baseline)
+        report = bench_models(lm, eff, opts.spec().replace(block=pblock), preset_names, opts.repeats,
+                              opts.warmup, log, opts.compile_baseline)
         write_json(bench_file, report)
         return report
 

@@ -21,7 +21,7 @@ PAPER = {
               "of 12 blocks",
     "presets": "even strong inference patchout keeps better downstream mAP than the CNN baseline (EfficientNet-B0) "
                "while raising throughput (section 4.5, Figure 3)",
-    "baselines": "training must clearly help (issue 8's criterion: the trained model beats the same architecture "
+    "baselines": "training must clearly help (the trained model beats the same architecture "
                  "with random weights on every task)",
 }
 MODELS = ("maest", "random", "effnet", "mel-stats")

@@ -26,27 +26,18 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
-from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
-from maest_cli.audio.segments import hop_frames
+from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
 from maest_cli.audio.walk import FoundFile, find_audio_files
+from maest_cli.embed.spec import InferenceSpec, Resolved
 from maest_cli.embed.store import FORMAT, EmbeddingStore, Shard
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import tool_versions
-from maest_cli.models.maest import TOKENS
 from maest_cli.models.precision import (
     autocast,
-    cpu_has_native_bf16,
     for_inference,
-    resolve_device,
-    resolve_dtype,
     set_threads,
     torch_threads,
 )
-from maest_cli.models.presets import get_preset
-from maest_cli.models.registry import load_model
-
-POOLS = ("track", "segment")
-
 
 # ------------------------------------------------------------------ options
 
@@ -78,29 +69,6 @@ def shard_of(f: FoundFile, count: int) -> int:
     return int(hashlib.sha1(f.path.encode()).hexdigest()[:12], 16) % count
 
 
-def parse_tokens(tokens: str | Sequence[str]) -> tuple[str, ...]:
-
-    items = tokens.split(",") if isinstance(tokens, str) else list(tokens)
-    items = [t.strip() for t in items if t.strip()]
-    bad = [t for t in items if t not in TOKENS]
-    if not items or bad or len(set(items)) != len(items):
-        raise UsageError(f"--tokens {','.join(items)!r}: choose one or more of {','.join(TOKENS)}, no repeats")
-    return tuple(items)
-
-
-def parse_rows(rows: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """--drop-freq-rows '0,8' -> (0, 8); 'none' or '' -> () (drop nothing)."""
-    if rows is None:
-        return None
-    if isinstance(rows, str):
-        text = rows.strip().lower()
-        if text in ("", "none"):
-            return ()
-        try:
-            return tuple(int(r) for r in text.split(","))
-        except ValueError:
-            raise UsageError(f"--drop-freq-rows {rows!r}: expected comma-separated row numbers, e.g. 0,8") from None
-    return tuple(int(r) for r in rows)
 
 
 # ------------------------------------------------------------------ model side
@@ -130,7 +98,9 @@ class ModelRunner:
 
 
 @dataclass
-class _FileState:
+class FileRows:
+    """One audio file's embeddings while its segments come in: sums (--pool track) or rows."""
+
     n_segments: int | None = None  # known once the decoder is done
     n_samples: int = 0
     n_computed: int = 0
@@ -151,7 +121,7 @@ def output_schema(pool: str, dim: int, n_classes: int | None):
     return pa.schema(cols)
 
 
-def _rows_table(schema, f: FoundFile, st: _FileState, pool: str):
+def rows_table(schema, f: FoundFile, st: FileRows, pool: str):
     import pyarrow as pa
 
     duration = st.n_samples / SAMPLE_RATE
@@ -281,41 +251,41 @@ class ExtractSummary:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
 
-def _device(device: str):
-    import torch
+def dataset_records(run: Resolved, threads: int, workers: int) -> tuple[dict, dict]:
+    """(settings, metadata) of an extract dataset: the settings a rerun must match, and how the
+    rows were made. Every writer of extract's format (extract, embed.sweep) records these."""
+    settings = {"format": FORMAT, **run.settings()}
+    metadata = {"format": FORMAT, **run.metadata(),
+                "columns": {"path": "relative to root, '/'-separated",
+                            "root": "absolute directory the file was found under"},
+                "versions": tool_versions(), "runtime": {"threads": threads, "decoder_workers": workers}}
+    return settings, metadata
 
 
-    local = os.environ.get("LOCAL_RANK", "")
-    if device == "auto" and torch.cuda.is_available() and local.isdigit():
-        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}")  # one GPU per torchrun worker
-    return resolve_device(device)
-
-
-def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop_freq_rows=None,
-            block=7, tokens=("cls", "dist", "avg"), pool="track", hop="half", scores=False,
-            device="auto", dtype="auto", workers=1, batch_size=1, threads=None, extensions=None,
-            overwrite=False, shard=None, progress=True, registry=None, files_per_part=512) -> ExtractSummary:
+def extract(paths, out, spec: InferenceSpec | None = None, *, workers=1, batch_size=1, threads=None,
+            extensions=None, overwrite=False, shard=None, progress=True, registry=None, files_per_part=512,
+            **spec_fields) -> ExtractSummary:
     """Embed every audio file under `paths` into the Parquet dataset directory `out`.
 
+    What the embeddings are is `spec` (an InferenceSpec), or its fields given as keywords
+    (`extract(paths, out, preset="fast", scores=True)`, as whisper's transcribe takes its decoding
+    options); the other arguments decide only how the run goes.
+
     Files already in `out` (same settings) are skipped; failures are recorded in
-    out/_errors/ (`embedding_store.read_errors(out)`) and counted, never raised. Raises
-    UsageError / ConfigError / ModelNotFound / CheckpointError (exit code 2) for bad options, a
-    busy or mismatched `out`, or weights that cannot be had; OSError (exit code 1) when `out`
-    cannot be written (disk full: the message names the file) or decoder processes cannot run.
-    See the module docstring for segmentation and pooling.
+    out/_errors/ (`embed.store.read_errors(out)`) and counted, never raised. Raises a UsageError
+    (exit code 2) for bad options, a busy or mismatched `out`, or weights that cannot be had; a
+    MaestError or OSError (exit code 1) when `out` cannot be written (disk full: the message names
+    the file) or decoder processes cannot run. See the module docstring for segmentation and pooling.
 
     `threads`: torch intra-op threads for the model (None: torch's default, all cores); set for
     this call only. With `workers` > 0, decoders are processes started through a forkserver,
     which imports the caller's main module: a script calling this must guard its entry point
     with `if __name__ == "__main__":`, as for any multiprocessing code.
     """
-
     t_start = time.perf_counter()
     # -- options that need nothing loaded: fail fast, before the model and before DIR exists
+    spec = (spec or InferenceSpec()).replace(**spec_fields) if spec_fields else (spec or InferenceSpec())
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if pool not in POOLS:
-        raise UsageError(f"--pool {pool!r}: choose track or segment")
-    tokens = parse_tokens(tokens)
     if int(workers) < 0:
         raise UsageError("--workers must be >= 0 (0: decode in the main process)")
     if int(batch_size) < 1:
@@ -326,72 +296,26 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
     if overwrite and the_shard is not None:
         raise UsageError("--overwrite cannot be combined with sharding (each shard would delete the others' "
                          "results): delete DIR first, or use another --out")
-    if time_keep_every is not None and int(time_keep_every) < 1:
-        raise UsageError("--time-keep-every must be >= 1")
-    the_preset = get_preset(preset, None if time_keep_every is None else int(time_keep_every),
-                            parse_rows(drop_freq_rows))
     skipped: Counter = Counter()
     files, problems = find_audio_files(paths, extensions, skipped)
     if int(workers) > 0 and files:
         start_early()
 
-    # -- model
-    dev = _device(device)
-    dt = resolve_dtype(the_preset.dtype if dtype == "auto" else dtype, dev)
-    early_warnings = []
-    if dt == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
-        early_warnings.append("--dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); it is emulated "
-                              "and can be hundreds of times slower than fp32")
+    # -- the model, and the spec resolved against it
+    lm, run = spec.load(registry=registry, progress=progress)
+    early_warnings = [run.dtype_note] if run.dtype_note else []
     if not files:
         what = ", ".join(f"{n} {k}" for k, n in skipped.most_common(5))
         early_warnings.append(f"no audio files found under {', '.join(os.fspath(p) for p in paths)}"
                               + (f" (skipped: {what}; --ext chooses the extensions)" if what else ""))
-    lm = load_model(model, device=str(dev), registry=registry, progress=progress)
-    cfg = lm.config
     lm.model.eval()
-    net = for_inference(lm.model, dt)  # int8: a quantised copy; else the model itself
-    if not 0 <= int(block) <= cfg.depth:
-        raise UsageError(f"--block {block}: this model has blocks 0..{cfg.depth}")
-    block = int(block)
-    patchout = the_preset.patchout
-    try:
-        patchout.freq_index(cfg.f_patches)
-    except ValueError as e:
-        raise UsageError(f"--patchout {the_preset.name}: {e}") from None
-    seg_frames = cfg.frames
-    hop_spec = str(hop)
-    hop = hop_frames(hop, seg_frames)
-    dim = len(tokens) * cfg.width
-    frame_s = HOP_SIZE / SAMPLE_RATE
+    net = for_inference(lm.model, run.dtype)  # int8: a quantised copy; else the model itself
     n_threads = int(threads) if threads else torch_threads()
+    settings, metadata = dataset_records(run, n_threads, int(workers))
+    schema = output_schema(spec.pool, run.embedding_dim, run.config.n_classes if spec.scores else None)
 
-    settings = {"format": FORMAT, "model_sha256": lm.sha256, "model_config": cfg.to_dict(), "block": block,
-                "tokens": list(tokens), "pool": pool, "segment_frames": seg_frames, "hop_frames": hop,
-                "time_keep_every": patchout.time_keep_every, "drop_freq_rows": list(patchout.drop_freq_rows),
-                "scores": bool(scores), "dtype": dt, "frontend": FRONTEND.to_dict(),
-                "input_norm": lm.input_norm.to_dict()}
-    metadata = {
-        "format": FORMAT,
-        "model": {"name": lm.name, "sha256": lm.sha256, "path": lm.path, "source_format": lm.source_format,
-                  "config": cfg.to_dict()},
-        "preset": the_preset.to_dict(), "block": block, "tokens": list(tokens), "pool": pool,
-        "segment": {"frames": seg_frames, "seconds": (seg_frames - 1) * frame_s},
-        "hop": {"spec": hop_spec, "frames": hop, "seconds": hop * frame_s},
-        "segmentation": "segments of segment.frames mel frames every hop.frames; a track shorter than a segment "
-                        "is one shorter segment (truncated time encodings, no padding); a longer track ends "
-                        "with a segment aligned to its end; track rows are the mean over segments",
-        "embedding_dim": dim,
-        "scores": ({"activation": "sigmoid", "track_pooling": "mean over segments", "labels": lm.labels}
-                   if scores else None),
-        "columns": {"path": "relative to root, '/'-separated", "root": "absolute directory the file was found under"},
-        "frontend": FRONTEND.to_dict(), "input_norm": lm.input_norm.to_dict(),
-        "dtype": dt, "device": str(dev), "versions": tool_versions(),
-        "runtime": {"threads": n_threads, "decoder_workers": int(workers)},
-    }
-    schema = output_schema(pool, dim, cfg.n_classes if scores else None)
-
-    summary = ExtractSummary(out=str(out), model=lm.name, model_sha256=lm.sha256, preset=the_preset.name,
-                             dtype=dt, device=str(dev), threads=n_threads, workers=int(workers),
+    summary = ExtractSummary(out=str(out), model=lm.name, model_sha256=lm.sha256, preset=run.preset.name,
+                             dtype=run.dtype, device=str(run.device), threads=n_threads, workers=int(workers),
                              shard=f"{the_shard.index}/{the_shard.count}" if the_shard else None)
     store = EmbeddingStore(out, schema, settings, metadata, the_shard, overwrite, files_per_part).open()
     source = None
@@ -418,11 +342,12 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
         if todo:
             tasks = [(i, f.full_path) for i, f in enumerate(todo)]
             if int(workers) == 0:
-                source = InlineDecoder(tasks, seg_frames, hop)
+                source = InlineDecoder(tasks, run.segment_frames, run.hop_frames)
             else:
-                source = DecoderPool(tasks, int(workers), seg_frames, hop)
-            runner = ModelRunner(net, dev, dt, block, tokens, patchout, bool(scores), lm.input_norm)
-            _run(todo, source, runner, store, schema, pool, int(batch_size), display, summary)
+                source = DecoderPool(tasks, int(workers), run.segment_frames, run.hop_frames)
+            runner = ModelRunner(net, run.device, run.dtype, run.block, run.tokens, run.patchout, spec.scores,
+                                 run.input_norm)
+            _run(todo, source, runner, store, schema, spec.pool, int(batch_size), display, summary)
             summary.model_seconds = runner.seconds
             source.close()
             summary.decoder_peak_rss_mb = source.peak_rss_mb
@@ -445,7 +370,7 @@ def extract(paths, out, *, model=None, preset="none", time_keep_every=None, drop
 def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingStore, schema, pool: str,
          batch_size: int, display: _Display, summary: ExtractSummary) -> None:
     """The main loop: messages from the decoders -> batches -> model -> pooled rows -> store."""
-    states: dict[int, _FileState] = {}
+    states: dict[int, FileRows] = {}
     closed: set[int] = set()
     batch: list[tuple[int, int, int, np.ndarray]] = []  # (fid, index, start, frames)
 
@@ -465,7 +390,7 @@ def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingSto
         if st is None or st.n_segments is None or st.n_computed < st.n_segments:
             return
         f = todo[fid]
-        store.add(f.key, _rows_table(schema, f, st, pool))  # OSError (disk full): the run stops, staged files stay
+        store.add(f.key, rows_table(schema, f, st, pool))  # OSError (disk full): the run stops, staged files stay
         closed.add(fid)
         del states[fid]
         summary.n_done += 1
@@ -526,14 +451,14 @@ def _run(todo: list[FoundFile], source, runner: ModelRunner, store: EmbeddingSto
             continue  # late news of a file already failed
         if kind == "seg":
             _, _, index, start, frames = msg
-            states.setdefault(fid, _FileState())
+            states.setdefault(fid, FileRows())
             if batch and batch[0][3].shape[0] != frames.shape[0]:
                 flush()  # segments of one batch share a length
             batch.append((fid, index, start, frames))
             if len(batch) >= batch_size:
                 flush()
         elif kind == "done":
-            st = states.setdefault(fid, _FileState())
+            st = states.setdefault(fid, FileRows())
             st.n_segments, st.n_samples = msg[2], msg[3]
             maybe_finish(fid)  # else its last segments wait for the batch to fill or the queue to run dry
         elif kind == "error":

@@ -49,6 +49,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from maest_cli.errors import MaestError, UsageError
+from maest_cli.io.artefacts import atomic_path, write_atomic
 
 FORMAT = "maest-extract/1"
 MANIFEST = "_maest_extract.json"
@@ -269,15 +270,13 @@ class EmbeddingStore:
             if strays:
                 raise UsageError(f"--out {self.out}: holds Parquet files not written by `maest extract` "
                                  f"({', '.join(sorted(strays)[:3])}); use an empty or new directory")
-        tmp = self.out / f".{MANIFEST}.tmp"
-        with _writing(path, tmp):
-            tmp.write_text(json.dumps({"format": FORMAT, "settings": self.settings, "metadata": self.metadata},
-                                      indent=1))
-            os.replace(tmp, path)
+        with _writing(path):
+            write_atomic(path, json.dumps({"format": FORMAT, "settings": self.settings, "metadata": self.metadata},
+                                          indent=1))
 
     def _wipe(self) -> None:
         """--overwrite: remove what earlier runs wrote (only our own file names)."""
-        for p in [*self.out.glob(PART_GLOB), *self.out.glob("_errors*.tsv"), *self.out.glob(".part-*.tmp")]:
+        for p in [*self.out.glob(PART_GLOB), *self.out.glob("_errors*.tsv"), *self.out.glob(".part-*.tmp*")]:
             p.unlink(missing_ok=True)
         shutil.rmtree(self.out / ERRORS_DIR, ignore_errors=True)
         for d in self.out.glob(".staging-*"):
@@ -300,7 +299,7 @@ class EmbeddingStore:
         that cannot be live (unsharded runs, other shard counts, shards whose lock is free)."""
         import fcntl
 
-        mine = ".part-*.tmp" if self.shard is None else f".part-{self.tag}-*.tmp"  # others may be live
+        mine = ".part-*.tmp*" if self.shard is None else f".part-{self.tag}-*.tmp*"  # others may be live
         for tmp in [*self.out.glob(mine), *self.staging.glob(".*.tmp")]:
             tmp.unlink(missing_ok=True)
         for d in sorted(self.out.glob(".staging-*")):
@@ -326,11 +325,11 @@ class EmbeddingStore:
         (_errors*.tsv: the format of earlier versions.)"""
         d = self.out / ERRORS_DIR
         if self.shard is None:
-            targets = [*self.out.glob("_errors*.tsv"), *d.glob("*.parquet"), *d.glob(".*.tmp")]
+            targets = [*self.out.glob("_errors*.tsv"), *d.glob("*.parquet"), *d.glob(".*.tmp*")]
         else:  # its own file, and those of runs that cannot be live (unsharded, other shard counts)
             others = {f"errors-s{i}of{self.shard.count}.parquet" for i in range(self.shard.count)
                       if i != self.shard.index}
-            targets = [self.out / f"_errors-{self.tag}.tsv", self.errors_path.with_name(f".{self.errors_path.name}.tmp"),
+            targets = [self.out / f"_errors-{self.tag}.tsv", *d.glob(f".{self.errors_path.name}.tmp*"),
                        *(p for p in d.glob("*.parquet") if p.name not in others)]
         for p in targets:
             p.unlink(missing_ok=True)
@@ -408,13 +407,8 @@ class EmbeddingStore:
     def _write_part(self, table: pa.Table, tag: str) -> None:
         name = f"part-{tag}-{self.run_id}-{self._seq:05d}.parquet"
         self._seq += 1
-        tmp = self.out / f".{name}.tmp"
-        with self._writing(self.out / name, tmp):
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.out / name)
+        with self._writing(self.out / name), atomic_path(self.out / name) as tmp, open(tmp, "wb") as f:
+            pq.write_table(table, f)
         _fsync_dir(self.out)
         self.parts_written.append(self.out / name)
 
@@ -431,14 +425,10 @@ class EmbeddingStore:
         if not force and time.monotonic() - self._errors_flushed_at < ERRORS_FLUSH_SECONDS:
             return
         table = pa.table([list(col) for col in zip(*self._errors)], schema=ERRORS_SCHEMA)
-        tmp = self.errors_path.with_name(f".{self.errors_path.name}.tmp")
-        with self._writing(self.errors_path, tmp):
+        with self._writing(self.errors_path):
             self.errors_path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_path(self.errors_path) as tmp, open(tmp, "wb") as f:
                 pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.errors_path)
         self._errors_written = len(self._errors)
         self._errors_flushed_at = time.monotonic()
 

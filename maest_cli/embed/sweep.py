@@ -12,7 +12,7 @@ segment through the model dozens of times. Here:
 - segmentation (segment length of the model, hop, end-aligned last segment), pooling (mean of
   the segment embeddings, summed in float64 in segment order), the row format, the schema
   metadata and the settings checked on resume are extract's own (segments.segment_starts,
-  extract.output_schema and _rows_table, embedding_store.EmbeddingStore), so `maest probe
+  extraction.output_schema, rows_table and dataset_records, store.EmbeddingStore), so `maest probe
   custom` reads these folders as extract's, the embeddings equal `maest extract --block k`'s,
   and extract run with the same options into one of them finds nothing left to do.
 A kill loses the clips in flight only (EmbeddingStore stages every finished clip); a bad clip
@@ -42,9 +42,10 @@ from maest_cli.audio.frontend import (
     StreamingMel,
     iter_file_mel,
 )
-from maest_cli.audio.segments import hop_frames, segment_starts, too_short
+from maest_cli.audio.segments import segment_starts, too_short
 from maest_cli.audio.walk import FoundFile, find_audio_files
-from maest_cli.embed.extraction import _FileState, _rows_table, output_schema
+from maest_cli.embed.extraction import FileRows, dataset_records, output_schema, rows_table
+from maest_cli.embed.spec import InferenceSpec
 from maest_cli.embed.store import FORMAT, EmbeddingStore
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import tool_versions
@@ -59,10 +60,8 @@ from maest_cli.models.precision import (
     autocast,
     for_inference,
     resolve_device,
-    resolve_dtype,
     torch_threads,
 )
-from maest_cli.models.presets import get_preset
 
 # Token stacks: each one dataset per block (cls, dist, avg alone, and the paper's concatenation).
 TOKEN_STACKS = (("cls",), ("dist",), ("avg",), ("cls", "dist", "avg"))
@@ -157,42 +156,6 @@ class Output:
     label: str = ""
 
 
-def maest_records(lm, preset, dtype: str, device: str, block: int, tokens: Sequence[str], hop_spec: str,
-                  threads: int) -> tuple[dict, dict]:
-    """(settings, metadata) exactly as `maest extract --pool track` records them for these options
-    (no scores, no decoder processes), plus `made_by`: this module's name."""
-    cfg = lm.config
-    seg_frames = cfg.frames
-    hop = hop_frames(hop_spec, seg_frames)
-    frame_s = HOP_SIZE / SAMPLE_RATE
-    patchout = preset.patchout
-    tokens = list(tokens)
-    settings = {"format": FORMAT, "model_sha256": lm.sha256, "model_config": cfg.to_dict(), "block": block,
-                "tokens": tokens, "pool": "track", "segment_frames": seg_frames, "hop_frames": hop,
-                "time_keep_every": patchout.time_keep_every, "drop_freq_rows": list(patchout.drop_freq_rows),
-                "scores": False, "dtype": dtype, "frontend": FRONTEND.to_dict(),
-                "input_norm": lm.input_norm.to_dict()}
-    metadata = {
-        "format": FORMAT,
-        "model": {"name": lm.name, "sha256": lm.sha256, "path": lm.path, "source_format": lm.source_format,
-                  "config": cfg.to_dict()},
-        "preset": preset.to_dict(), "block": block, "tokens": tokens, "pool": "track",
-        "segment": {"frames": seg_frames, "seconds": (seg_frames - 1) * frame_s},
-        "hop": {"spec": str(hop_spec), "frames": hop, "seconds": hop * frame_s},
-        "segmentation": "segments of segment.frames mel frames every hop.frames; a track shorter than a segment "
-                        "is one shorter segment (truncated time encodings, no padding); a longer track ends "
-                        "with a segment aligned to its end; track rows are the mean over segments",
-        "embedding_dim": len(tokens) * cfg.width,
-        "scores": None,
-        "columns": {"path": "relative to root, '/'-separated", "root": "absolute directory the file was found under"},
-        "frontend": FRONTEND.to_dict(), "input_norm": lm.input_norm.to_dict(),
-        "dtype": dtype, "device": str(device), "versions": tool_versions(),
-        "runtime": {"threads": threads, "decoder_workers": 0},
-        "made_by": MADE_BY,
-    }
-    return settings, metadata
-
-
 def _plain_records(model: dict, settings_extra: dict, dim: int, embedding: str, segment: dict, hop: dict,
                    input_norm: dict | None, device: str, threads: int) -> tuple[dict, dict]:
     """Settings and metadata of a non-MAEST dataset, with extract's keys where they apply."""
@@ -216,47 +179,43 @@ class MaestSweep:
     per segment. `__call__(mel, n_samples)` -> [(float64 sum over segments, n_segments)] in the
     order of `outputs`; the sum is accumulated exactly as extract does (segment order, float64)."""
 
-    def __init__(self, lm, out_root: str | os.PathLike, *, blocks: Sequence[int] | None = None,
-                 token_stacks: Sequence[Sequence[str]] = TOKEN_STACKS, preset: str = "none", hop: str = "half",
-                 device: str = "cpu", dtype: str = "auto", batch_size: int = 8, threads: int | None = None):
+    def __init__(self, lm, out_root: str | os.PathLike, spec: InferenceSpec | None = None, *,
+                 blocks: Sequence[int] | None = None, token_stacks: Sequence[Sequence[str]] = TOKEN_STACKS,
+                 batch_size: int = 8, threads: int | None = None):
+        """`spec`: preset, hop, device and dtype (its block and tokens are this sweep's `blocks`
+        and `token_stacks`; rows are pooled per track, without scores)."""
         import torch
-
 
         if batch_size < 1:
             raise UsageError("batch_size must be >= 1")
+        spec = (spec or InferenceSpec(device="cpu")).replace(pool="track", scores=False)
         cfg = lm.config
         self.lm, self.cfg = lm, cfg
-        self.preset = get_preset(preset)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(self.preset.dtype if dtype == "auto" else dtype, self.device)
         blocks = list(range(1, cfg.depth + 1)) if blocks is None else sorted(set(int(b) for b in blocks))
         bad = [b for b in blocks if not 1 <= b <= cfg.depth]
         if bad or not blocks:
             raise UsageError(f"blocks {bad or blocks}: this model has blocks 1..{cfg.depth}")
-        try:
-            self.preset.patchout.freq_index(cfg.f_patches)
-        except ValueError as e:
-            raise UsageError(f"preset {self.preset.name}: {e}") from None
+        self.stacks = [tuple(t) for t in token_stacks]
+        runs = [spec.replace(block=b, tokens=tokens).resolve(cfg, lm.default_block, model=lm)
+                for b in blocks for tokens in self.stacks]
+        run = runs[0]  # block and tokens aside, every dataset of the sweep is made alike
+        self.preset, self.device, self.dtype = run.preset, run.device, run.dtype
         self.blocks = blocks
-        self.patchout = None if self.preset.patchout.is_identity else self.preset.patchout
-        self.segment = cfg.frames
-        self.hop_spec = str(hop)
-        self.hop = hop_frames(hop, cfg.frames)
+        self.patchout = run.patchout
+        self.segment, self.hop = run.segment_frames, run.hop_frames
         self.batch_size = batch_size
         self.norm = lm.input_norm
         lm.model.eval()
         self.net = for_inference(lm.model, self.dtype)
         threads = threads or torch_threads()
-        self.stacks = [tuple(t) for t in token_stacks]
         self.outputs: list[Output] = []
         self._which: list[tuple[int, tuple[str, ...]]] = []
-        for b in blocks:
-            for tokens in self.stacks:
-                settings, metadata = maest_records(lm, self.preset, self.dtype, str(self.device), b, tokens,
-                                                   self.hop_spec, threads)
-                self.outputs.append(Output(block_dir(out_root, b, tokens), len(tokens) * cfg.width, settings,
-                                           metadata, f"{lm.name} {self.preset.name} block {b} {stack_name(tokens)}"))
-                self._which.append((b, tokens))
+        for r in runs:
+            settings, metadata = dataset_records(r, threads, 0)
+            metadata["made_by"] = MADE_BY
+            self.outputs.append(Output(block_dir(out_root, r.block, r.tokens), r.embedding_dim, settings, metadata,
+                                       f"{lm.name} {self.preset.name} block {r.block} {stack_name(r.tokens)}"))
+            self._which.append((r.block, r.tokens))
         self._torch = torch
 
     def __call__(self, f: FoundFile, mel: np.ndarray, n_samples: int) -> list[tuple[np.ndarray, int]]:
@@ -411,8 +370,8 @@ def run_sweep(paths, embedder, mels: MelCache | None = None, extensions=None, fi
                 continue
             for i in missing:
                 total, count = rows[i]
-                st = _FileState(n_segments=count, n_samples=n_samples, n_computed=count, emb_sum=total)
-                stores[i].add(f.key, _rows_table(schemas[i], f, st, "track"))
+                st = FileRows(n_segments=count, n_samples=n_samples, n_computed=count, emb_sum=total)
+                stores[i].add(f.key, rows_table(schemas[i], f, st, "track"))
             summary.n_done += 1
             if log and time.perf_counter() - last > log_every:
                 last = time.perf_counter()
@@ -436,5 +395,5 @@ def _fail(stores, missing, f: FoundFile, stage: str, reason: str, summary: Sweep
         log(f"error: {f.full_path}: {reason} (stage: {stage})")
 
 
-__all__ = ["TOKEN_STACKS", "stack_name", "block_dir", "MelCache", "compute_mel", "Output", "maest_records",
+__all__ = ["TOKEN_STACKS", "stack_name", "block_dir", "MelCache", "compute_mel", "Output",
            "MaestSweep", "EffNetEmbedder", "MelStatsEmbedder", "SweepSummary", "run_sweep"]

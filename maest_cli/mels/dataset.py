@@ -90,6 +90,8 @@ class DatasetError(MaestError):
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
+    except NotADirectoryError:
+        raise DatasetError(f"{path.parent}: not a directory (a prepare-mels dataset is a folder)") from None
     except FileNotFoundError:
         raise DatasetError(f"{path}: missing (not a finished prepare-mels dataset?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -5,7 +5,7 @@ A run is a plan, then the writer (melwriter.py):
   split into train/validation/test (from the label files, else artist-disjoint from a seed).
   Computed over the whole input, so every `--shard I/N` part agrees on it; stored in
   DATASET_DIR/_work, so a rerun after a kill goes on with the same plan.
-- decode: `--workers` processes (joblib's loky executor) decode and compute the mel of each
+- decode: `--workers` processes (io/workers.py's WorkerPool) decode and compute the mel of each
   track; results come back in plan order whatever the timing, and one writer stores them. A
   decoder that dies (segfault, out-of-memory kill) fails its track, not the run (_decode_all).
 `merge_datasets` joins the parts of one plan through the same writer. The dataset format and
@@ -15,7 +15,6 @@ its reader are in meldataset.py.
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import json
 import math
@@ -23,8 +22,6 @@ import os
 import re
 import shutil
 import sys
-import threading
-import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -41,6 +38,7 @@ from maest_cli.audio.walk import WalkProblem, find_audio_files
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import sha256_file, write_json
 from maest_cli.io.config import read_labels
+from maest_cli.io.workers import TaskDied, WorkerPool
 from maest_cli.mels.dataset import (
     ERRORS,
     FRAME_BYTES,
@@ -349,54 +347,35 @@ def _excerpt_mel(path: str, first: int, count: int | None) -> tuple[np.ndarray, 
     return np.concatenate(parts), pos
 
 
-def _decode_in_worker(path: str, crop: Crop, parent: int) -> tuple:
-    """decode_track in a joblib worker: one torch thread, and gone when the parent (pid) is."""
-    _set_up_decoder(parent)
-    return decode_track(path, crop)
-
-
-def _set_up_decoder(parent: int) -> None:
+def _set_up_decoder() -> None:
+    """A decoder process's start: the mel on one torch thread, so the bytes cannot depend on --workers."""
     import torch
 
-    _exit_with_parent(parent)
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
 
 
-def decoder_pool(workers: int):
-    """The decoder processes (loky's reusable executor): the same arguments find the same running
-    processes, so _start_decoders, _decode_all and mels_bench all share them."""
-    from joblib.externals.loky import get_reusable_executor
+DECODER_IDLE_S = 300  # idle decoder processes exit after this
+_decoders: WorkerPool | None = None
 
-    return get_reusable_executor(max_workers=workers, timeout=DECODER_IDLE_S)
+
+def decoder_pool(workers: int) -> WorkerPool:
+    """The decoder processes, kept between calls (idle ones exit after DECODER_IDLE_S): the same
+    worker count finds the same running processes, so _start_decoders, _decode_all and the mels
+    bench share them. A pool the crash policy stopped is replaced."""
+    global _decoders
+    if _decoders is None or _decoders.broken or _decoders.workers != workers:
+        if _decoders is not None:
+            _decoders.shutdown(wait=False)
+        _decoders = WorkerPool(workers, role="decoder", doing="while decoding this file",
+                               initializer=_set_up_decoder, idle_timeout=DECODER_IDLE_S)
+    return _decoders
 
 
 def _start_decoders(workers: int) -> None:
-    """Start the decoder processes now and have each import the frontend (torch: about 1.5 s),
-    so that this happens while the main process plans rather than before the first track."""
-    pool = decoder_pool(workers)
-    for _ in range(workers):
-        pool.submit(_set_up_decoder, os.getpid())
-
-
-@functools.lru_cache(maxsize=None)
-def _exit_with_parent(parent: int) -> None:
-    """Start (once per process) a thread that ends this worker when its parent process is gone
-    (reparented). A SIGKILLed run would otherwise leave workers blocked for ever on a result
-    pipe nobody reads. The pid comes from the parent: a task may start after it died."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="maest-parent-watch", daemon=True).start()
-
-
-# A decoder process that dies on this many tracks in a row, each decoded alone, means the
-# machine (memory limits, a broken install) rather than the files: the run stops.
-MAX_CRASHES_IN_A_ROW = 5
-DECODER_IDLE_S = 300  # idle decoder processes exit after this
+    """Start the decoder processes now (each imports the frontend, torch: about 1.5 s), so that
+    this happens while the main process plans rather than before the first track."""
+    decoder_pool(workers)
 
 
 def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], Iterator[tuple]]:
@@ -406,64 +385,32 @@ def _decode_all(paths: list[str], crop: Crop, workers: int) -> Callable[[int], I
     segfaults or is killed for memory then takes down its process, not the run, and the death
     is seen at its cause. (Journalling an "attempting" marker before decoding in the main process
     cannot tell such a crash from the user killing the run, which must resume without losing
-    the track.) When a process dies, the tracks in flight are decoded again one at a time: the
-    one that dies alone is failed ("decoder process died"), the others are stored as usual, so a
-    one-off kill costs nothing and a file that always crashes is failed once, and the pool is
-    restarted. The mel runs on one torch thread in every process, so the stored bytes cannot
-    depend on --workers.
+    the track.) A death costs what the crash policy of every pool says (io/workers.py): the
+    track is decoded again, a track that keeps killing its decoder is failed, and decoders
+    dying track after track stop the run (WorkersDied) with what came before journalled, so a
+    rerun goes on.
     """
     def produce(start: int) -> Iterator[tuple]:
-        from joblib.externals.loky.process_executor import BrokenProcessPool
-
-        task = _decode_in_worker  # looked up per run (a test swaps in one that crashes)
+        task = decode_track  # looked up per run (a test swaps in one that crashes)
+        pool = decoder_pool(workers)
         n, k = len(paths), start
         window: deque = deque()  # futures of items k, k + 1, ... in order
-        alone_until = start  # items before this are decoded one at a time (after a crash)
-        crashes_in_a_row = 0
-        pool = None
         try:
             while k < n:
-                cap = 1 if k < alone_until else 2 * workers
+                while len(window) < 2 * workers and k + len(window) < n:
+                    path = paths[k + len(window)]
+                    window.append(pool.submit_task(task, (path, crop), label=path))
                 try:
-                    if pool is None:
-                        pool = decoder_pool(workers)
-                    while len(window) < cap and k + len(window) < n:
-                        window.append(pool.submit(task, paths[k + len(window)], crop, os.getpid()))
                     result = window[0].result()
-                except BrokenProcessPool as e:
-                    in_flight = len(window)
-                    for f in window:
-                        f.cancel()
-                    window.clear()
-                    pool = None  # the next get_reusable_executor starts a fresh pool
-                    if cap > 1:
-                        alone_until = k + max(in_flight, 1)
-                        continue
-                    crashes_in_a_row += 1
-                    yield ("err", "decode", f"decoder process died on this file ({_death(e)})")
-                    k += 1
-                    if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
-                        raise ChildProcessError(
-                            f"decoder processes died on {crashes_in_a_row} track(s) in a row, the last on "
-                            f"{paths[k - 1]} ({_death(e)}): out of memory? They are recorded as failed; "
-                            f"rerun the same command to go on") from None
-                    continue
+                except TaskDied as e:
+                    result = ("err", "decode", e.reason)
                 window.popleft()
-                crashes_in_a_row = 0
                 yield result
                 k += 1
         finally:
             for f in window:
                 f.cancel()
     return produce
-
-
-def _death(e: BaseException) -> str:
-    """How the process ended, e.g. 'SIGSEGV(-11)', from loky's TerminatedWorkerError message."""
-    m = re.search(r"exit codes of the workers are \{(.*?)\}", str(e))
-    if m:
-        return m.group(1)
-    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 # ------------------------------------------------------------------ the API

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE
 from maest_cli.io.artefacts import (
-    fsync_file,
+    atomic_path,
     sha256_file,
     tool_versions,
     write_atomic,
@@ -68,10 +68,8 @@ SECONDS_PER_FRAME = HOP_SIZE / SAMPLE_RATE
 # ------------------------------------------------------------------ tables (atomic: artefacts.py)
 
 def write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _tsv_field(x) -> str:

@@ -1,18 +1,18 @@
 """Package a trained run as a bundled model: fp16 weights plus its training record, into
 maest_cli/weights/, where the registry finds models that need no download (`maest-tiny`).
 
-    python -m maest_cli.models.bundle RUN_DIR maest_cli/weights/maest-tiny [--weights swa|best|last]
+    maest models bundle RUN_DIR maest_cli/weights/maest-tiny [--weights swa|best|last]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import sha256_file, write_json
 from maest_cli.models.checkpoints import build_model, load_checkpoint, save_checkpoint
 
@@ -41,14 +41,19 @@ def bundle_run(run_dir: str | Path, dest_stem: str | Path, weights: str = "swa",
     return record
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("dest_stem")
-    ap.add_argument("--weights", default="swa", choices=("swa", "best", "last"))
-    args = ap.parse_args()
-    print(json.dumps(bundle_run(args.run_dir, args.dest_stem, args.weights), indent=2))
+WEIGHTS = ("swa", "best", "last")
 
 
-if __name__ == "__main__":
-    main()
+def check_run(run_dir: str | Path, weights: str = "swa") -> None:
+    """Refuse, in one UsageError naming the file, a RUN_DIR that `bundle_run` cannot package:
+    before anything is written, rather than a traceback halfway through."""
+    if weights not in WEIGHTS:
+        raise UsageError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UsageError(f"{run}: not a run directory of `maest train`"
+                         + ("" if run.exists() else " (it does not exist)"))
+    for name in (f"{weights}.safetensors", "config.resolved.json", "metrics.jsonl"):
+        if not (run / name).is_file():
+            raise UsageError(f"{run}: no {name} here; not a finished run of `maest train`"
+                             + (" (--weights chooses swa, best or last)" if name.endswith(".safetensors") else ""))

@@ -20,7 +20,7 @@ import torch
 
 from maest_cli.audio.frontend import InputNorm
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import fsync_file, sha256_file
+from maest_cli.io.artefacts import atomic_path, sha256_file
 from maest_cli.models.maest import MAEST, MaestConfig
 
 FORMAT = "maest-cli/1"
@@ -48,6 +48,28 @@ class Checkpoint:
     @property
     def input_norm(self) -> InputNorm:
         return InputNorm.from_metadata(self.metadata)
+
+    @property
+    def default_block(self) -> int:
+        return default_block(self.metadata, self.config.depth, self.path or "checkpoint")
+
+
+PAPER_BLOCK = 7  # the paper's best block for downstream tasks (its section 5.1)
+
+
+def default_block(metadata: dict, depth: int, where: str = "checkpoint") -> int:
+    """The block embeddings come from unless one is asked for: the checkpoint's own
+    `default_block` (which `maest train` records), else the paper's 7, never deeper than the model."""
+    raw = metadata.get("default_block")
+    if raw is None:
+        return min(PAPER_BLOCK, depth)
+    try:
+        block = int(json.loads(raw) if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where}: default_block {raw!r} in its metadata is not a number") from None
+    if not 1 <= block <= depth:
+        raise CheckpointError(f"{where}: default_block {block} in its metadata, but the model has blocks 1..{depth}")
+    return block
 
 
 # ---------------------------------------------------------------- reading files safely
@@ -269,33 +291,34 @@ def hf_config_dict(cfg: MaestConfig, labels: list[str] | None = None) -> dict:
 
 # ---------------------------------------------------------------- our format
 
-def save_checkpoint(path: str | os.PathLike, model: MAEST, labels: list[str] | None = None,
-                    extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write model weights + config + labels as one safetensors file, atomically.
+def write_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], head: dict,
+                     labels: list[str] | None = None, extra: dict | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """The one checkpoint writer (MAEST: save_checkpoint; EfficientNet-B0: training/effnet.py):
+    the tensors as one safetensors file, atomically, whose metadata is `head` (what the file is:
+    format, config, ...), the label names and `extra` (name, recipe, input scaling, ...), each
+    value a string or JSON; `extra` never overrides `head` or the labels.
 
     `dtype` (e.g. torch.float16) stores the floating-point tensors smaller; loading casts
     them back to the model's float32 parameters."""
     from safetensors.torch import save_file
 
+    meta = {**(extra or {}), **head, "labels": list(labels) if labels else None}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tensors = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state.items()}
     p = Path(path)
-    meta = {"format": FORMAT, "config": json.dumps(model.cfg.to_dict()),
-            "labels": json.dumps(list(labels) if labels else None)}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
-    state = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; weights are meant to be shared
-    fsync_file(tmp)
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return p
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def save_checkpoint(path: str | os.PathLike, model: MAEST, labels: list[str] | None = None,
+                    extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write MAEST weights + config + labels as one safetensors file (write_checkpoint)."""
+    return write_checkpoint(path, model.state_dict(), {"format": FORMAT, "config": model.cfg.to_dict()},
+                            labels, extra, dtype)
 
 
 def load_checkpoint(path: str | os.PathLike, labels: list[str] | None = None,

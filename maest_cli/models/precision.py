@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import platform
+from dataclasses import dataclass
 
 import torch
 
@@ -41,22 +42,46 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, else fp32.
-    'int8' (dynamic quantisation of the Linear layers) is never automatic: it is CPU only and opt-in."""
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a run computes in, and the one line that says why when it is not what was asked."""
+
+    dtype: str
+    note: str | None = None
+
+
+EMULATED_BF16 = "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated there, hundreds of times slower"
+
+
+def choose_dtype(requested: str, device: torch.device, default: str = "auto") -> DtypeChoice:
+    """The one precision rule of every command. `requested` is the user's --dtype; 'auto' takes
+    `default` (a preset's or a recipe's dtype), and an 'auto' default gives bf16 on GPUs that
+    support it (else fp16) and on CPUs with native bf16, else fp32 with a note saying why. An
+    explicit bf16 on a CPU without native bf16 is a usage error; int8 is CPU-only and opt-in."""
+    dtype = default if requested == "auto" else requested
+    explicit = requested != "auto"
+    if dtype not in (*DTYPES, *QUANTISED, "auto"):
+        raise UsageError(f"--dtype {dtype!r}: expected auto, fp32, bf16, fp16 or int8")
     if dtype == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if dtype in QUANTISED:
-        if device.type != "cpu":
-            raise UsageError(f"--dtype {dtype} (dynamic quantisation) runs on CPU only; on GPUs use bf16 or fp16")
-        return dtype
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: expected auto, fp32, bf16, fp16 or int8")
+            return DtypeChoice("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        if cpu_has_native_bf16():
+            return DtypeChoice("bf16")
+        return DtypeChoice("fp32", f"dtype auto gives fp32: {EMULATED_BF16}")
+    if dtype in QUANTISED and device.type != "cpu":
+        raise UsageError(f"--dtype {dtype} (dynamic quantisation) runs on CPU only; on GPUs use bf16 or fp16")
     if dtype == "fp16" and device.type == "cpu":
         raise UsageError("--dtype fp16 is for GPUs; on CPU use fp32, bf16 or int8")
-    return dtype
+    if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        if explicit:
+            raise UsageError(f"--dtype bf16: {EMULATED_BF16}; use --dtype auto or fp32")
+        return DtypeChoice("fp32", f"bf16 gives fp32: {EMULATED_BF16}")
+    return DtypeChoice(dtype)
+
+
+def resolve_dtype(dtype: str, device: torch.device, default: str = "auto") -> str:
+    """choose_dtype's dtype, for callers that print no note."""
+    return choose_dtype(dtype, device, default).dtype
 
 
 def autocast(device: torch.device, dtype: str):

@@ -1,26 +1,33 @@
 """The official models: where their weights come from, where they are cached, how they load.
 
 `--model NAME` looks in the cache directory ($MAEST_CACHE, default ~/.cache/maest-cli) and
-downloads on a miss: HTTPS, resumable (.part + Range), atomic (rename when complete),
-verified by size and sha256 where known. Offline (or with MAEST_OFFLINE=1) the error says
-which file to put where. `--model PATH` loads a local file and never touches the network.
+downloads on a miss: HTTPS, resumable (.part + Range), atomic (rename when complete).
+The release files are pinned (size and sha256 in configs/models.toml): a download that does not
+match is deleted and the next source (the Hugging Face port) is tried. That port publishes no
+hash, so its first download records its own (source.json beside the weights) and later loads
+are checked against it; `model_info` reports such weights as unpinned. Offline (or with
+MAEST_OFFLINE=1) the error says which file to put where. `--model PATH` loads a local file and
+never touches the network.
 """
 
 from __future__ import annotations
 
 import difflib
 import http.client
+import json
 import os
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
-from maest_cli.errors import UsageError
+from maest_cli.errors import MaestError, UsageError, exit_code_of
 from maest_cli.io.artefacts import sha256_file, write_json
 from maest_cli.io.config import ConfigError, read_labels, read_toml
-from maest_cli.models.checkpoints import build_model, load_checkpoint
+from maest_cli.models.checkpoints import PAPER_BLOCK, build_model, load_checkpoint
+from maest_cli.models.maest import count_parameters
 
 USER_AGENT = "maest-cli (+https://github.com/palonso/MAEST)"
 
@@ -29,8 +36,17 @@ class ModelNotFound(UsageError):
     """A model name or file that cannot be resolved to weights; the message says what to do."""
 
 
-class DownloadError(Exception):
-    pass
+class DownloadError(MaestError):
+    """One source failed (HTTP error, interrupted, or a file that does not match its pin);
+    fetch_model then tries the next source."""
+
+
+class WeightsMismatch(MaestError):
+    """Cached weights whose sha256 differs from their pin or from the hash recorded at download."""
+
+
+RECORD = "source.json"  # beside the weights: where they came from and their sha256 at download
+SOURCE_NAMES = {"official": "the authors' release", "hf": "the Hugging Face port", "bundled": "this installation"}
 
 
 @dataclass(frozen=True)
@@ -59,27 +75,35 @@ class ModelEntry:
     description: str = ""
     aliases: tuple[str, ...] = ()
     sources: tuple[Source, ...] = ()
+    kind: str = "model"  # "model" (a MAEST) or "init" (weights `maest train --init` starts from)
 
 
 @dataclass(frozen=True)
 class Registry:
     default: str
     models: dict[str, ModelEntry] = field(default_factory=dict)
+    inits: dict[str, ModelEntry] = field(default_factory=dict)  # PaSST, DeiT: downloadable, not loadable
+
+    def _entries(self) -> list[ModelEntry]:
+        return [*self.models.values(), *self.inits.values()]
 
     def get(self, name: str) -> ModelEntry:
-        if name in self.models:
-            return self.models[name]
-        for m in self.models.values():
-            if name in m.aliases:
+        for m in self._entries():
+            if name == m.name or name in m.aliases:
                 return m
-        names = sorted([*self.models, *(a for m in self.models.values() for a in m.aliases)])
+        names = sorted(n for m in self._entries() for n in (m.name, *m.aliases))
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ModelNotFound(f"unknown model {name!r} and no such file.{hint} "
                             f"Known models: `maest models list`.")
 
     def has(self, name: str) -> bool:
-        return name in self.models or any(name in m.aliases for m in self.models.values())
+        return any(name == m.name or name in m.aliases for m in self._entries())
+
+    def pinned_sha256(self) -> dict[str, str]:
+        """Published sha256 -> registry name, to recognise a pinned file given by path."""
+        return {f.sha256: m.name for m in self._entries() for s in m.sources for f in (*s.files, *s.alternatives)
+                if f.sha256}
 
 
 def load_registry(path: str | os.PathLike | None = None) -> Registry:
@@ -108,7 +132,13 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
             models[name] = ModelEntry(name=name, variant=m["variant"], labels=m.get("labels", ""),
                                       description=m.get("description", ""),
                                       aliases=tuple(m.get("aliases", ())), sources=tuple(sources))
-        reg = Registry(default=data["default"], models=models)
+        inits = {}
+        for name, m in data.get("inits", {}).items():
+            file = RemoteFile(m["url"], m["url"].rsplit("/", 1)[-1], m.get("sha256") or None, m.get("size") or None)
+            inits[name] = ModelEntry(name=name, variant="", labels="", description=m.get("description", ""),
+                                     aliases=tuple(m.get("aliases", ())), sources=(Source("official", (file,)),),
+                                     kind="init")
+        reg = Registry(default=data["default"], models=models, inits=inits)
         reg.get(reg.default)
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{where}: invalid model registry (missing or wrong field {e})") from None
@@ -129,7 +159,7 @@ def offline() -> bool:
 
 def bundled_dir() -> Path:
     """Weights that ship inside the package (maest_cli/weights/)."""
-    return Path(__file__).parent / "weights"
+    return Path(str(resources.files("maest_cli"))) / "weights"
 
 
 def cached_weights(entry: ModelEntry, cache: Path | None = None) -> Path | None:
@@ -156,51 +186,83 @@ def download_file(url: str, dest: Path, sha256: str | None = None, size: int | N
     A truncated transfer leaves dest.part to resume from; a file that fails verification
     is deleted, so a bad download never sits at dest.
     """
-    dest = Path(dest)
+    return _download(url, Path(dest), sha256, size, progress, timeout)[0]
+
+
+def _download(url: str, dest: Path, sha256: str | None, size: int | None, progress: bool,
+              timeout: float) -> tuple[Path, str]:
+    """download_file, also returning the sha256 (computed once: it verifies or gets recorded)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:  # cannot be the start of the pinned file
+        part.unlink()
+        have = 0
+
+    def restart() -> tuple[Path, str]:
+        """The .part cannot be resumed: delete it and fetch the whole file (once: no .part left)."""
+        part.unlink(missing_ok=True)
+        return _download(url, dest, sha256, size, progress, timeout)
+
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # already complete
-            resp = None
-        else:
+        if e.code != 416 or not have:
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+        # Range not satisfiable: the .part is already whole (verified below), unless the server
+        # says the file is shorter than it ("Content-Range: bytes */N").
+        total = _range_total(e.headers.get("Content-Range"))
+        if total is not None and total != have:
+            return restart()
+        resp = None
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from None
 
     if resp is not None:
         with resp:
-            status = getattr(resp, "status", 200)
-            if have and status != 206:
-                have = 0  # server ignored the range: start over
+            if have and getattr(resp, "status", 200) != 206:
+                have = 0  # the server ignored the range and sends the whole file: start over
+            elif have and _range_start(resp.headers.get("Content-Range")) not in (None, have):
+                return restart()  # a range other than the one asked for
             length = resp.headers.get("Content-Length")
-            total = have + int(length) if length is not None else size
+            total = have + int(length) if length is not None else None
             if size is not None and total is not None and total != size:
-                raise DownloadError(f"{url}: server reports {total} bytes, expected {size}")
-            _stream(resp, part, have, total, url, progress)
+                if have:
+                    return restart()  # the .part may be of another file
+                raise DownloadError(f"{dest.name}: expected {size} bytes, the server at {url} offers {total}")
+            _stream(resp, part, have, total if total is not None else size, url, progress)
+        if total is not None and part.stat().st_size != total:
+            raise DownloadError(f"{url}: transfer interrupted at {part.stat().st_size} bytes; run again to resume")
     got = part.stat().st_size
-    want = size if size is not None else None
-    if resp is not None and length is not None and got != have + int(length):
-        raise DownloadError(f"{url}: transfer interrupted at {got} bytes; run again to resume")
-    if want is not None and got != want:
+    if size is not None and got != size:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{url}: got {got} bytes, expected {want}; deleted, try again")
-    if sha256:
-        digest = sha256_file(part)
-        if digest != sha256.lower():
-            part.unlink(missing_ok=True)
-            raise DownloadError(f"{url}: sha256 {digest} does not match {sha256}; the corrupt file "
-                                "was deleted, try again")
+        raise DownloadError(f"{dest.name}: expected {size} bytes, got {got}; the download from {url} was deleted")
+    digest = sha256_file(part)
+    if sha256 and digest != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{dest.name}: expected sha256 {sha256.lower()}, got {digest}; the download from "
+                            f"{url} was deleted")
     os.replace(part, dest)
-    return dest
+    return dest, digest
+
+
+def _range_total(header: str | None) -> int | None:
+    """N of "bytes */N" or "bytes a-b/N" (None when absent or "*")."""
+    tail = (header or "").rpartition("/")[2].strip()
+    return int(tail) if tail.isdigit() else None
+
+
+def _range_start(header: str | None) -> int | None:
+    """a of "bytes a-b/N" (None when absent)."""
+    head = (header or "").partition("/")[0].replace("bytes", "").strip().partition("-")[0]
+    return int(head) if head.isdigit() else None
 
 
 def _stream(resp, part: Path, have: int, total: int | None, url: str, progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -213,7 +275,9 @@ def _stream(resp, part: Path, have: int, total: int | None, url: str, progress: 
     mode = "ab" if have else "wb"
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with open(part, mode) as out, Progress(*columns, disable=not progress, transient=True) as bar:
+    progress_console = Console(stderr=True)  # stdout carries the results (`maest models download` prints paths)
+    with open(part, mode) as out, Progress(*columns, disable=not progress, transient=True,
+                                           console=progress_console) as bar:
         task = bar.add_task(url.rsplit("/", 1)[-1], total=total, completed=have)
         try:
             while chunk := resp.read(1 << 16):
@@ -237,30 +301,40 @@ def fetch_model(entry: ModelEntry, cache: Path | None = None, progress: bool = T
         raise ModelNotFound(f"the bundled weights of model {entry.name!r} are missing from this installation "
                             f"({bundled_dir() / entry.sources[0].files[0].filename}); reinstall maest-cli")
     if offline():
-        raise ModelNotFound(_missing_message(entry, d, "MAEST_OFFLINE is set"))
+        raise ModelNotFound(_missing_message(entry, d, "could not be downloaded: MAEST_OFFLINE is set"))
     errors = []
-    for src in entry.sources:
+    for i, src in enumerate(entry.sources):
         if src.kind == "bundled":  # missing from this installation: nothing to download
             errors.append(f"{bundled_dir() / src.files[0].filename} is missing from this installation")
             continue
         try:
-            weights = _fetch_source(src, d, progress)
-            _write_provenance(d, entry, src, weights)
-            return weights
+            weights, remote, digest = _fetch_source(src, d, progress)
         except DownloadError as e:
             errors.append(str(e))
-    raise ModelNotFound(_missing_message(entry, d, "; ".join(errors) or "no sources"))
+            later = [s for s in entry.sources[i + 1:] if s.kind != "bundled"]
+            if later:  # say why before the next source starts a long download
+                print(f"maest: warning: {e}; trying {SOURCE_NAMES.get(later[0].kind, later[0].kind)}",
+                      file=sys.stderr)
+            continue
+        write_json(d / RECORD, {"model": entry.name, "source": src.kind, "url": remote.url, "file": weights.name,
+                                "sha256": digest, "size": weights.stat().st_size, "pinned": bool(remote.sha256)})
+        return weights
+    raise ModelNotFound(_missing_message(entry, d, f"could not be downloaded ({'; '.join(errors) or 'no sources'})"))
 
 
-def _fetch_source(src: Source, d: Path, progress: bool) -> Path:
+def _fetch_source(src: Source, d: Path, progress: bool) -> tuple[Path, RemoteFile, str]:
+    """The weights of one source (its first file, else an alternative name) and its other files:
+    (weights path, the RemoteFile they came from, their sha256)."""
     weights_file, *rest = src.files
     try:
-        weights = download_file(weights_file.url, d / weights_file.filename, weights_file.sha256,
-                                weights_file.size, progress)
+        remote = weights_file
+        weights, digest = _download(weights_file.url, d / weights_file.filename, weights_file.sha256,
+                                    weights_file.size, progress, 60.0)
     except DownloadError as first:
         for alt in src.alternatives:
             try:
-                weights = download_file(alt.url, d / alt.filename, alt.sha256, alt.size, progress)
+                remote = alt
+                weights, digest = _download(alt.url, d / alt.filename, alt.sha256, alt.size, progress, 60.0)
                 break
             except DownloadError:
                 continue
@@ -272,20 +346,24 @@ def _fetch_source(src: Source, d: Path, progress: bool) -> Path:
         except DownloadError:
             if not f.optional:
                 raise
-    return weights
+    return weights, remote, digest
 
 
-def _write_provenance(d: Path, entry: ModelEntry, src: Source, weights: Path) -> None:
-    info = {"model": entry.name, "source": src.kind, "url": src.files[0].url, "file": weights.name,
-            "sha256": sha256_file(weights), "size": weights.stat().st_size}
-    write_json(d / "source.json", info)
+def read_record(weights: Path) -> dict:
+    """What was recorded when these cached weights were downloaded ({} when nothing was)."""
+    try:
+        rec = json.loads((weights.parent / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) and rec.get("file") == weights.name else {}
 
 
 def _missing_message(entry: ModelEntry, d: Path, why: str) -> str:
+    """Where the weights of `entry` can come from; `why`: why they are not here ("could not be ...")."""
     where = "\n".join(f"  - {src.files[0].url}\n    -> {d / src.files[0].filename}"
                       + ("\n    (with config.json beside it)" if src.kind == "hf" else "")
                       for src in entry.sources)
-    return (f"weights of model {entry.name!r} are not in the cache and could not be downloaded ({why}).\n"
+    return (f"weights of model {entry.name!r} are not in the cache and {why}.\n"
             f"Run `maest models download {entry.name}` on a connected machine, or put one of these "
             f"files in place:\n{where}\n(set MAEST_CACHE to use another cache directory)")
 
@@ -302,6 +380,10 @@ class LoadedModel:
     source_format: str
     metadata: dict = field(default_factory=dict)
     input_norm: "object" = None  # frontend.InputNorm: the input scaling the model was trained with
+    default_block: int = PAPER_BLOCK  # the block embeddings come from unless asked (Checkpoint.default_block)
+    source: str | None = None  # registry source of the weights: official, hf, bundled; None: a file by path
+    pinned: bool = False  # sha256 equals a hash published in configs/models.toml
+    recorded_sha256: str | None = None  # unpinned registry weights: their sha256 recorded at download
 
     @property
     def config(self):
@@ -324,7 +406,8 @@ def resolve_weights(name_or_path: str | os.PathLike | None, registry: Registry |
     if hit:
         return hit, entry
     if not download:
-        raise ModelNotFound(_missing_message(entry, (cache or cache_dir()) / entry.name, "not downloaded"))
+        raise ModelNotFound(_missing_message(entry, (cache or cache_dir()) / entry.name,
+                                            "were not downloaded (this command never downloads)"))
     if not offline() and any(src.kind != "bundled" for src in entry.sources):
         print(f"maest: downloading {entry.name} to {(cache or cache_dir()) / entry.name}", file=sys.stderr)
     return fetch_model(entry, cache, progress), entry
@@ -333,11 +416,22 @@ def resolve_weights(name_or_path: str | os.PathLike | None, registry: Registry |
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu",
                registry: Registry | None = None, cache: Path | None = None,
                download: bool = True, progress: bool = True) -> LoadedModel:
-    """The Python entry point: a ready, eval-mode MAEST with its labels and provenance."""
+    """The Python entry point: a ready, eval-mode MAEST with its labels and provenance.
 
-    path, entry = resolve_weights(name_or_path, registry, cache, download, progress)
+    Registry weights are checked against their pin, or the hash recorded at download, on every
+    load (load_checkpoint hashes the file anyway): a cached file that changed is refused."""
+    reg = registry or load_registry()
+    key = str(name_or_path) if name_or_path else reg.default
+    if not Path(key).expanduser().exists() and reg.has(key) and reg.get(key).kind == "init":
+        raise UsageError(f"{key} holds the weights training starts from, not a MAEST model: use it as "
+                         f"`maest train --init {reg.get(key).name}`")
+    path, entry = resolve_weights(name_or_path, reg, cache, download, progress)
     labels = read_labels(entry.labels) if entry and entry.labels else None  # else: the file's own
     ckpt = load_checkpoint(path, labels=labels)
+    if entry:
+        source, pinned, recorded = _check_cached(entry, Path(path), ckpt.sha256)
+    else:
+        source, pinned, recorded = None, ckpt.sha256 in reg.pinned_sha256(), None
     if ckpt.labels is None and ckpt.source_format == "official":
         # A bare official file: its output count tells which Discogs list it was trained on.
         known = {400: "discogs400", 519: "discogs519"}
@@ -346,4 +440,59 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
     model = build_model(ckpt).to(device)
     name = entry.name if entry else ckpt.metadata.get("name", Path(path).stem)
     return LoadedModel(model, name, str(path), ckpt.sha256, ckpt.labels, ckpt.source_format, ckpt.metadata,
-                       ckpt.input_norm)
+                       ckpt.input_norm, ckpt.default_block, source=source, pinned=pinned, recorded_sha256=recorded)
+
+
+def _check_cached(entry: ModelEntry, path: Path, digest: str) -> tuple[str | None, bool, str | None]:
+    """(source kind, pinned, recorded sha256) of a registry model's weights; refuses weights
+    that differ from their pin or from the hash recorded when they were downloaded."""
+    for src in entry.sources:
+        for f in (*src.files, *src.alternatives):
+            if f.filename != path.name:
+                continue
+            if f.sha256:
+                if digest != f.sha256.lower():
+                    raise WeightsMismatch(f"{path}: expected sha256 {f.sha256.lower()} (published for "
+                                          f"{entry.name}), got {digest}; delete it and run "
+                                          f"`maest models download {entry.name}`")
+                return src.kind, True, None
+            if src.kind == "bundled":
+                return src.kind, False, None
+            recorded = read_record(path).get("sha256")
+            if recorded and digest != recorded:
+                raise WeightsMismatch(f"{path}: expected sha256 {recorded} (recorded in {path.parent / RECORD} "
+                                      f"when it was downloaded), got {digest}; delete {path.parent} and run "
+                                      f"`maest models download {entry.name}`")
+            return src.kind, False, recorded
+    return None, False, None
+
+
+def describe_entry(entry: ModelEntry, cache: Path | None = None) -> dict:
+    """A registry entry's facts without its weights: sources, their pins, whether it is cached."""
+    return {"name": entry.name, "kind": entry.kind, "aliases": list(entry.aliases), "variant": entry.variant,
+            "labels": entry.labels, "description": entry.description,
+            "sources": [{"kind": s.kind, "url": s.files[0].url, "file": s.files[0].filename,
+                         "sha256": s.files[0].sha256, "size": s.files[0].size, "pinned": bool(s.files[0].sha256)}
+                        for s in entry.sources],
+            "cached": cached_weights(entry, cache) is not None}
+
+
+def model_info(name_or_path: str | os.PathLike | None, registry: Registry | None = None,
+               cache: Path | None = None, download: bool = False, progress: bool = True) -> dict:
+    """What `maest models info` prints: the loaded model's config, checksum and provenance
+    ("pinned": its sha256 is a published one; else "recorded_sha256" is the hash its first
+    download recorded). A registry model whose weights cannot be had (not cached, offline,
+    changed) is still described from the registry, with a one-line "note" saying why."""
+    reg = registry or load_registry()
+    key = str(name_or_path) if name_or_path else reg.default
+    try:
+        lm = load_model(key, registry=reg, cache=cache, download=download, progress=progress)
+    except Exception as e:
+        if exit_code_of(e) is None or Path(key).expanduser().exists() or not reg.has(key):
+            raise
+        return {**describe_entry(reg.get(key), cache), "note": str(e).splitlines()[0]}
+    return {"name": lm.name, "path": lm.path, "sha256": lm.sha256, "format": lm.source_format,
+            "source": lm.source, "pinned": lm.pinned, "recorded_sha256": lm.recorded_sha256,
+            "config": lm.config.to_dict(), "parameters": count_parameters(lm.model),
+            "default_block": lm.default_block, "n_labels": len(lm.labels) if lm.labels else None,
+            "first_labels": (lm.labels or [])[:5]}

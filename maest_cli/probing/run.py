@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from maest_cli.embed.extraction import extract
+from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import fsync_file, sha256_file, tool_versions, write_json
+from maest_cli.io.artefacts import atomic_path, sha256_file, tool_versions, write_json
 from maest_cli.mels.labels import SPLITS
 from maest_cli.models.precision import resolve_device
 from maest_cli.probing.data import (
@@ -113,11 +114,9 @@ class GridState:
         if best_state is not None:
             from safetensors.torch import save_file
 
-            tmp = self.dir / f".best.tmp{os.getpid()}"
-            save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp))
-            fsync_file(tmp)
-            sha = sha256_file(tmp)
-            os.replace(tmp, self.dir / "best.safetensors")
+            with atomic_path(self.dir / "best.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp))
+                sha = sha256_file(tmp)
             self.best_key, self.best_state, self.best_sha256 = best_key, best_state, sha
         write_json(self.dir / "state.json", {"fingerprint": self.fingerprint, "best_key": self.best_key,
                                                     "best_sha256": self.best_sha256, "points": self.points,
@@ -185,17 +184,17 @@ def _fmt(v) -> str:
 
 # ---------------------------------------------------------------- the whole probe
 
-def run_extract(audio_root: Path, cache: Path, options: dict | None, log: Log | None):
-    """`maest extract` of AUDIO_ROOT into the cache folder with the paper's pooling (mean over
-    half-overlapped segments); an existing cache is resumed, not redone."""
+def run_extract(audio_root: Path, cache: Path, spec: InferenceSpec, options: dict | None, log: Log | None):
+    """`maest extract` of AUDIO_ROOT into the cache folder with the paper's pooling (the mean over
+    the track's segments); an existing cache is resumed, not redone. `options`: how extract runs
+    (workers, batch_size, progress), never what it computes (that is `spec`)."""
     if not audio_root.is_dir():
         raise UsageError(f"--audio-root {audio_root}: no such directory")
-    opts = {"model": None, "preset": "none", "block": 7, "tokens": ("cls", "dist", "avg"), "device": "auto",
-            "dtype": "auto", "workers": 1, "batch_size": 1, "progress": True}
+    opts = {"workers": 1, "batch_size": 1, "progress": True}
     opts.update({k: v for k, v in (options or {}).items() if v is not None})
     if log:
         log(f"extracting {audio_root} -> {cache}")
-    return extract([str(audio_root)], str(cache), pool="track", hop="half", overwrite=False, **opts)
+    return extract([str(audio_root)], str(cache), spec.replace(pool="track"), overwrite=False, **opts)
 
 
 def _fingerprint(*parts) -> str:
@@ -227,7 +226,8 @@ class ProbeInputs:
 
 def load_inputs(dataset: str, dataset_root: str | Path, *, embeddings: str | Path | None = None,
                 audio_root: str | Path | None = None, split: int | None = None, out: Path | None = None,
-                min_match: float = 0.5, extract_options: dict | None = None, log: Log | None = None) -> ProbeInputs:
+                min_match: float = 0.5, spec: InferenceSpec | None = None, extract_options: dict | None = None,
+                log: Log | None = None) -> ProbeInputs:
     """Labels of DATASET, the embeddings (extracted first from AUDIO_ROOT if given), their join."""
     if embeddings is None and audio_root is None:
         raise UsageError("give --embeddings DIR (from `maest extract`) or --audio-root DIR")
@@ -238,7 +238,7 @@ def load_inputs(dataset: str, dataset_root: str | Path, *, embeddings: str | Pat
         cache = Path(embeddings) if embeddings else (out / "embeddings" if out else None)
         if cache is None:
             raise UsageError("--audio-root needs --out or --embeddings for the embeddings cache")
-        summary = run_extract(Path(audio_root), cache, extract_options, log)
+        summary = run_extract(Path(audio_root), cache, spec or InferenceSpec(), extract_options, log)
         embeddings = cache
         if log and _n_failed(summary):
             log(f"extract: {_n_failed(summary)} files failed (listed in {getattr(summary, 'errors_file', cache)}); "
@@ -266,14 +266,16 @@ def default_out(dataset: str, embeddings: str | Path | None, audio_root: str | P
 def probe(dataset: str, *, dataset_root: str | Path, embeddings: str | Path | None = None,
           audio_root: str | Path | None = None, split: int | None = None, grid: str = "quick", seeds: int = 3,
           device: str = "auto", out: str | Path | None = None, threads: int | None = None,
-          min_match: float = 0.5, resume: bool = True, overwrite: bool = False,
+          min_match: float = 0.5, resume: bool = True, overwrite: bool = False, spec: InferenceSpec | None = None,
           extract_options: dict | None = None, log: Log | None = None) -> dict:
     """Evaluate embeddings on DATASET with the paper's MLP probe; returns the results dict
     (also written to OUT/results.json with the selected weights in OUT/probe.safetensors).
 
     `split`: MTG-Jamendo's split-N (default 0; refused for the other datasets). OUT holding
     the results of other inputs is a UsageError unless `overwrite`. results["extract_failed"]
-    counts the files `--audio-root` extraction could not embed (the CLI then exits 1)."""
+    counts the files `--audio-root` extraction could not embed (the CLI then exits 1). `spec`: the
+    embeddings `--audio-root` extraction makes (default: InferenceSpec() on `device`); rows are
+    always pooled per track; `extract_options`: workers, batch_size, progress."""
     t_start = time.perf_counter()
     if seeds < 1:
         raise UsageError("--seeds must be >= 1")
@@ -282,7 +284,8 @@ def probe(dataset: str, *, dataset_root: str | Path, embeddings: str | Path | No
     out = Path(out) if out else None
     grid_name, protocol, configs = load_grid(grid)
     inputs = load_inputs(dataset, dataset_root, embeddings=embeddings, audio_root=audio_root, split=split, out=out,
-                         min_match=min_match, extract_options=extract_options, log=log)
+                         min_match=min_match, spec=spec or InferenceSpec(device=device),
+                         extract_options=extract_options, log=log)
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)  # restored on the way out: the caller's process is not ours
@@ -492,14 +495,9 @@ def write_outputs(out: Path, results: dict, state: dict, data: ProbeData) -> Non
             "protocol": json.dumps(results["protocol"]), "dataset": results["dataset"]["name"],
             "embeddings": json.dumps({k: results[k] for k in ("model", "block", "tokens", "preset")}),
             "maest_cli_version": _tool_version(), "fingerprint": results.get("fingerprint", "")}
-    tmp = out / f".probe.safetensors.tmp{os.getpid()}"
-    try:
+    with atomic_path(out / "probe.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        fsync_file(tmp)
         results["weights_sha256"] = sha256_file(tmp)
-        os.replace(tmp, out / "probe.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
     write_json(out / "results.json", results)
 
 

@@ -22,7 +22,7 @@ from maest_cli.models.maest import VARIANTS, MaestConfig, tiny_config
 PAPER_PATCHOUT_TIME = {"5s": 15, "10s": 30, "20s": 60, "30s": 90}
 SECTIONS = {
     "model": ("architecture", "variant", "frames", "width", "depth", "heads", "mlp_dim", "pos_embed", "init",
-              "normalization"),
+              "normalization", "default_block"),
     "data": ("epoch_len", "batch_size", "accum_steps", "workers", "class_weight_scale", "class_weight_offset"),
     "optim": ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip"),
     "schedule": ("epochs", "warmup_epochs", "decay_start_epoch", "decay_epochs", "final_lr_factor", "lr_update"),
@@ -54,6 +54,7 @@ class TrainConfig:
     pos_embed: str = "separable"
     init: str = "random"  # random, a weights file (MAEST/PaSST/DeiT), or a cached registry name
     normalization: str = "auto"  # auto (official constants for an official init, else dataset), dataset, official
+    default_block: int | None = None  # the block extract embeds by default; None: min(7, depth)
     # [data]
     epoch_len: int = 200_000  # tracks drawn (without replacement) per epoch
     batch_size: int = 12  # per process; global batch = batch_size x processes x accum_steps
@@ -203,9 +204,11 @@ def _validate(cls, d: dict, where: str) -> TrainConfig:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise bad(key, "must be positive")
-    for key in ("frames", "width", "depth", "heads", "mlp_dim", "threads"):
+    for key in ("frames", "width", "depth", "heads", "mlp_dim", "threads", "default_block"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise bad(key, "must be positive")
+    if cfg.default_block is not None and cfg.is_maest and cfg.default_block > cfg.model_config(1).depth:
+        raise bad("default_block", f"the model has blocks 1..{cfg.model_config(1).depth}")
     non_negative = ("workers", "weight_decay", "grad_clip", "warmup_epochs", "decay_start_epoch", "decay_epochs",
                     "patchout_freq", "mixup_alpha", "specaug_time_masks", "specaug_time_width",
                     "specaug_freq_masks", "specaug_freq_width", "swa_start", "seed", "class_weight_offset",

@@ -26,8 +26,8 @@ from torch import nn
 
 from maest_cli.audio.frontend import InputNorm
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import fsync_file, sha256_file
-from maest_cli.models.checkpoints import check_state_dict
+from maest_cli.io.artefacts import sha256_file
+from maest_cli.models.checkpoints import check_state_dict, write_checkpoint
 from maest_cli.models.effnet import (
     PATCH_FRAMES,
     EfficientNetB0,
@@ -104,25 +104,10 @@ def build_tagger(n_classes: int) -> EffNetTagger:
 
 def save_effnet_checkpoint(path: str | os.PathLike, model: EffNetTagger, labels: list[str] | None = None,
                            extra: dict | None = None) -> Path:
-    """A plain EfficientNetB0 state dict + config, labels and `extra` as safetensors metadata, atomically."""
-    from safetensors.torch import save_file
-
-
-    p = Path(path)
-    meta = {"format": FORMAT, "architecture": model.cfg.architecture, "config": json.dumps(model.cfg.to_dict()),
-            "labels": json.dumps(list(labels) if labels else None)}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()
-                 if k not in ("format", "architecture", "config", "labels")})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        fsync_file(tmp)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return p
+    """A plain EfficientNetB0 state dict + config, labels and `extra` as safetensors metadata
+    (the one checkpoint writer, models/checkpoints.write_checkpoint)."""
+    head = {"format": FORMAT, "architecture": model.cfg.architecture, "config": model.cfg.to_dict()}
+    return write_checkpoint(path, model.net.state_dict(), head, labels, extra)
 
 
 @dataclass

@@ -49,9 +49,9 @@ from maest_cli.audio.frontend import OFFICIAL_NORM, InputNorm
 from maest_cli.errors import MaestError, UsageError
 from maest_cli.io.artefacts import tool_versions, write_atomic, write_json
 from maest_cli.mels.dataset import DatasetError, MelDataset
-from maest_cli.models.checkpoints import save_checkpoint
+from maest_cli.models.checkpoints import PAPER_BLOCK, save_checkpoint
 from maest_cli.models.maest import MAEST, random_patchout
-from maest_cli.models.precision import autocast, resolve_device, resolve_dtype
+from maest_cli.models.precision import autocast, choose_dtype, resolve_device
 from maest_cli.training.config import RESUMABLE_CHANGES, TrainConfig, load_train_config
 from maest_cli.training.data import (
     Augment,
@@ -344,7 +344,13 @@ def never_started(run_dir: Path) -> list[Path] | None:
     return ours if len(ours) == len(found) and all(p.is_file() for p in ours) else None
 
 
-def load_state(run_dir: Path) -> dict:
+def recorded_processes(run_dir: str | os.PathLike) -> int:
+    """How many processes the run at run_dir trained with: `--resume` without `--nproc` takes it."""
+    return int(load_state(Path(run_dir), mmap=True)["world_size"])
+
+
+def load_state(run_dir: Path, mmap: bool = False) -> dict:
+    """The resumable state; `mmap` maps the tensors instead of reading them (to read the facts only)."""
     path = run_dir / STATE
     if not path.is_file():
         if never_started(run_dir):
@@ -352,7 +358,7 @@ def load_state(run_dir: Path) -> dict:
                              f"start it again with the same --data, --config and --out {run_dir}")
         raise UsageError(f"--resume {run_dir}: no {STATE} there (not a maest train run, or it never saved)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise UsageError(f"{path}: unreadable training state ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -426,6 +432,13 @@ class Tagger(nn.Module):
 
     def forward(self, x: torch.Tensor, patchout=None) -> torch.Tensor:
         return self.model(x, logits=True, patchout=patchout).logits
+
+
+def check_run(data, out, config, overrides: dict, resume) -> None:
+    """Everything `train` checks before it trains (options, recipe, run directory, dataset), for a
+    launcher to run once before N processes start and fail alike."""
+    _, data_dir, _, _ = resolve_run(data, out, config, overrides, resume)
+    _open_dataset(data_dir)
 
 
 def _open_dataset(path) -> MelDataset:
@@ -575,7 +588,10 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
         model.load_state_dict(state["model"])
     norm = choose_normalization(cfg, data, init) if state is None else InputNorm(**{
         k: state["normalization"][k] for k in ("mean", "std", "source")})
-    dtype = resolve_dtype(cfg.dtype, d.device)
+    precision = choose_dtype(cfg.dtype, d.device)
+    dtype = precision.dtype
+    if precision.note:
+        _log(d, f"train: {precision.note}")
     model.to(d.device).train()
     net = Tagger(model)
     if d.world > 1:
@@ -633,7 +649,8 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
             "name": f"{run_dir.name}-{kind}", "kind": kind, "epoch": ep, "global_step": global_step,
             "dataset": dataset_info, "train_config": cfg.to_dict(), "input_norm": norm.to_dict(),
             "init": init.to_dict(), "validation": val, "swa_snapshots": swa.n if kind == "swa" else None,
-            "versions": tool_versions()})
+            "versions": tool_versions(),
+            **({"default_block": cfg.default_block or min(PAPER_BLOCK, mcfg.depth)} if cfg.is_maest else {})})
 
     d.barrier()
     if d.main:

@@ -147,7 +147,7 @@ def _resolve_init(init: str) -> tuple[Path, list[str] | None, str]:
         raise ModelNotFound(f"--init {init}: weights not in the cache; `maest train` never downloads. "
                             f"Run `maest models download {init}` first.\n{e}") from None
 
-    return path, read_labels(entry.labels), entry.name
+    return path, read_labels(entry.labels) if entry.labels else None, entry.name
 
 
 def init_model(model: MAEST, init: str, labels: list[str]) -> InitInfo:
