@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from maest_cli.io.artefacts import atomic_path
+
 SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10), "dorian": (0, 2, 3, 5, 7, 9, 10)}
 # Progressions as scale degrees (0-based), one chord per bar.
 PROGRESSIONS = ((0, 4, 5, 3), (0, 5, 3, 4), (1, 4, 0, 5), (0, 3, 4, 3), (5, 3, 0, 4), (0, 6, 5, 4), (0, 3, 0, 4))
@@ -264,12 +266,11 @@ def write_song(spec: SongSpec, path: str | os.PathLike, sr: int = 44_100) -> Pat
           ".wav": {"format": "WAV", "subtype": "PCM_16"}}[ext]
     rate = sr if ext != ".opus" else 48_000
     audio = render(spec, rate)
-    tmp = p.with_name(f".{p.name}.tmp")
     # In blocks: libsndfile's Vorbis encoder crashes (segfault) on one write of minutes of audio.
-    with sf.SoundFile(str(tmp), "w", rate, audio.shape[1] if audio.ndim > 1 else 1, **kw) as f:
-        for start in range(0, len(audio), 1 << 16):
-            f.write(audio[start:start + (1 << 16)])
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        with sf.SoundFile(str(tmp), "w", rate, audio.shape[1] if audio.ndim > 1 else 1, **kw) as f:
+            for start in range(0, len(audio), 1 << 16):
+                f.write(audio[start:start + (1 << 16)])
     return p
 
 

@@ -48,7 +48,7 @@ from maest_cli.embed.extraction import FileRows, dataset_records, output_schema,
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.embed.store import FORMAT, EmbeddingStore
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import tool_versions
+from maest_cli.io.artefacts import atomic_path, tool_versions
 from maest_cli.models import effnet
 from maest_cli.models.effnet import (
     PATCH_FRAMES,
@@ -117,13 +117,8 @@ class MelCache:
         mel, n_samples = compute_mel(f.full_path)
         self.computed += 1
         if self.root is not None:
-            tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
-            try:
-                with open(tmp, "wb") as out:
-                    np.savez(out, mel=mel, n_samples=np.int64(n_samples), stamp=stamp)
-                os.replace(tmp, cached)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_path(cached) as tmp, open(tmp, "wb") as out:
+                np.savez(out, mel=mel, n_samples=np.int64(n_samples), stamp=stamp)
         return mel, n_samples
 
 
