@@ -1,8 +1,8 @@
 """maest-cli: MAEST music embeddings from audio files, with training and probes.
 
 The Python API mirrors the commands: `extract`, `prepare_mels`, `train`, `probe`, `run_bench`,
-`build_corpus`, `run_findings`, plus the
-pieces they are built from (`load_model`, `load_audio`, `mel_frontend`, `MelDataset`, ...).
+`build_corpus`, `run_findings`, `export_model`, plus the
+pieces they are built from (`load_model`, `InferenceSpec`, `load_audio`, `mel_frontend`, `MelDataset`, ...).
 Names resolve on first use, so `import maest_cli` stays cheap (no torch until needed).
 """
 
@@ -25,6 +25,7 @@ _LAZY = {
     "normalize": ("audio.frontend", "normalize"),
     "InputNorm": ("audio.frontend", "InputNorm"),
     # the commands
+    "InferenceSpec": ("embed.spec", "InferenceSpec"),
     "extract": ("embed.extraction", "extract"),
     "ExtractSummary": ("embed.extraction", "ExtractSummary"),
     "read_extract_metadata": ("embed.store", "read_metadata"),
@@ -40,6 +41,7 @@ _LAZY = {
     "run_bench": ("bench.throughput", "run_bench"),
     "build_corpus": ("demo.corpus", "build_corpus"),
     "run_findings": ("demo.findings", "run_findings"),
+    "export_model": ("embed.export", "export_model"),
 }
 
 

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from maest_cli.models.engines import no_telemetry
+
+no_telemetry()  # before any test imports openvino: tests never send its usage events
+
 
 @pytest.fixture(autouse=True)
 def _no_network_or_user_cache(tmp_path_factory, monkeypatch):

@@ -130,16 +130,19 @@ def test_extract_runs_the_int8_preset(tiny, songs, tmp_path):
 def test_runner_stops_after_the_block_and_skips_the_head():
     from maest_cli.audio.frontend import OFFICIAL_NORM
     from maest_cli.embed.extraction import ModelRunner
+    from maest_cli.models.engines import TorchEngine
+    from maest_cli.models.graph import EmbeddingGraph
 
     model = MAEST(tiny_config(frames=316)).eval()
     ran = []
     for name in ("blocks.1", "blocks.2", "blocks.3", "norm", "head"):
         model.get_submodule(name).register_forward_hook(lambda *a, name=name: ran.append(name))
     x = [np.random.default_rng(0).standard_normal((316, 96)).astype(np.float32)]
-    ModelRunner(model, torch.device("cpu"), "fp32", 2, ("cls",), None, False, OFFICIAL_NORM)(x)
+    cpu = torch.device("cpu")
+    ModelRunner(TorchEngine(EmbeddingGraph(model, 2, ("cls",), None, False, OFFICIAL_NORM), cpu, "fp32"))(x)
     assert ran == ["blocks.1"]
     ran.clear()
-    ModelRunner(model, torch.device("cpu"), "fp32", 2, ("cls",), None, True, OFFICIAL_NORM)(x)
+    ModelRunner(TorchEngine(EmbeddingGraph(model, 2, ("cls",), None, True, OFFICIAL_NORM), cpu, "fp32"))(x)
     assert ran == ["blocks.1", "blocks.2", "blocks.3", "norm", "head"]  # scores need every block
 
 
@@ -192,6 +195,24 @@ def test_bench_cli_json_model_only(tiny, tmp_path):
     assert report == json.loads((tmp_path / "b.json").read_text())
     assert report["baseline"] is None and [x["name"] for x in report["results"]] == ["none", "fast"]
     assert "ratio_to_baseline" not in report["results"][0] and report["end_to_end"] is None
+
+
+def test_bench_engines_interleaved_rows_carry_the_engine(tiny):
+    """Each preset on each engine (int8 presets on torch only), EfficientNet-B0 on each engine, and
+    the figure at extract's protocol (hop half: every second embedded twice)."""
+    r = CliRunner().invoke(app, ["bench", "--model", tiny, "--block", "2", "--presets", "none,fast-int8",
+                                 "--engine", "torch,openvino", "--repeats", "1", "--warmup", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert [(x["name"], x["engine"]) for x in report["results"]] == [
+        ("none", "torch"), ("none", "openvino"), ("fast-int8", "torch")]
+    assert [(b["name"], b["engine"]) for b in report["baselines"]] == [("effnet-b0", "torch"),
+                                                                       ("effnet-b0", "openvino")]
+    for row in report["results"]:
+        assert row["median_s"] > 0 and row["audio_min_per_s"] > 0
+        assert row["extract_audio_min_per_s"] == pytest.approx(row["audio_min_per_s"] * 158 / 315)
+    with pytest.raises(UsageError, match="--engine"):
+        run_bench(InferenceSpec(model=tiny, device="cpu"), engines="torch,onnx")
 
 
 @pytest.mark.parametrize("args, words", [

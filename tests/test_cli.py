@@ -218,6 +218,9 @@ USER_ERRORS = {
         ("checkpoint is text", "extract {dir} --out {out} --model {text}", 2, ["{text}"]),
         ("audio is text", "extract {text} --out {out} --model {tiny} --workers 0", 1, ["{text}"]),
         ("bad --pool", "extract {dir} --out {out} --pool bogus", 2, ["--pool", "bogus"]),
+        ("bad --engine", "extract {dir} --out {out} --engine onnx", 2, ["--engine", "onnx"]),
+        ("openvino with int8", "extract {dir} --out {out} --model {tiny} --engine openvino --patchout fast-int8", 2,
+         ["--engine openvino", "int8"]),
         ("bad --workers", "extract {dir} --out {out} --workers many", 2, ["--workers"]),
     ],
     "prepare-mels": [
@@ -319,6 +322,17 @@ USER_ERRORS = {
         ("missing corpus", "corpus info {missing}", 2, ["{missing}"]),
         ("corpus is a file", "corpus info {text}", 2, ["{text}"]),
         ("bad option", "corpus info {dir} --tables", 2, ["--tables"]),
+    ],
+    "export": [
+        ("missing model", "export {missing}.safetensors --out {out}.onnx", 2, ["{missing}.safetensors"]),
+        ("checkpoint is text", "export {text} --out {out}.onnx", 2, ["{text}"]),
+        ("out is a directory", "export {tiny} --out {dir}", 2, ["--out", "{dir}"]),
+        ("out in a missing folder", "export {tiny} --out {missing}/m.onnx", 2, ["--out", "{missing}"]),
+        ("out under a file", "export {tiny} --out {text}/m.xml --format openvino", 2, ["--out", "{text}"]),
+        ("bad --format", "export {tiny} --out {out}.onnx --format tflite", 2, ["--format", "tflite"]),
+        ("bad --patchout (int8)", "export {tiny} --out {out}.onnx --patchout none-int8", 2,
+         ["--patchout", "none-int8"]),
+        ("bad --block", "export {tiny} --out {out}.onnx --block 9", 2, ["--block"]),
     ],
     "findings": [
         ("missing model", "findings {out} --corpus {corpus} --model {missing}.safetensors", 2,

@@ -262,7 +262,7 @@ def test_patchout_none_is_exact_for_short_exact_and_long_files(tiny, tmp_path):
     lengths = {"short.wav": 3 * 16000, "exact.wav": (SEG - 1) * 256, "long.wav": 12 * 16000 + 77}
     for i, (name, n) in enumerate(lengths.items()):
         sf.write(d / name, tone_mix(n / 16000 + 0.01, 16000, seed=i, channels=1)[:n, 0], 16000, subtype="FLOAT")
-    t = table(run([d], tmp_path / "out", tiny, dtype="fp32").out)
+    t = table(run([d], tmp_path / "out", tiny, dtype="fp32", engine="torch").out)  # exact: torch's own forward
     model = build_model(load_checkpoint(tiny)).eval()
     got = dict(zip(t.column("path").to_pylist(), embeddings(t)))
     nseg = dict(zip(t.column("path").to_pylist(), t.column("n_segments").to_pylist()))
@@ -276,7 +276,7 @@ def test_patchout_none_is_exact_for_short_exact_and_long_files(tiny, tmp_path):
                     for s in segment_starts(len(mel), SEG, HOP)]
         want = torch.stack(embs).mean(0).float().numpy()
         np.testing.assert_array_equal(got[name], want)
-    fast = table(run([d], tmp_path / "fast", tiny, preset="fast", dtype="fp32").out)
+    fast = table(run([d], tmp_path / "fast", tiny, preset="fast", dtype="fp32", engine="torch").out)
     assert not np.allclose(embeddings(fast), embeddings(t), atol=1e-3)  # the preset does change things
     meta = read_metadata(tmp_path / "fast")
     assert meta["preset"]["time_keep_every"] == 2 and meta["preset"]["drop_freq_rows"] == [0, 8]
@@ -286,12 +286,12 @@ def test_patchout_none_is_exact_for_short_exact_and_long_files(tiny, tmp_path):
 
 def test_scores_are_the_mean_of_segment_sigmoids(catalogue, tiny, tmp_path):
     files = [catalogue / "a.wav", catalogue / "b" / "c.flac"]  # one segment, several
-    track = table(run(files, tmp_path / "track", tiny, scores=True, dtype="fp32").out)
+    track = table(run(files, tmp_path / "track", tiny, scores=True, dtype="fp32", engine="torch").out)
     for name, emb, sc in zip(track.column("path").to_pylist(), embeddings(track), embeddings(track, "scores")):
         want_emb, want_scores = _model_track_rows(tiny, catalogue / ("b" if name == "c.flac" else "") / name)
         np.testing.assert_array_equal(emb, want_emb)
         np.testing.assert_allclose(sc, want_scores, rtol=0, atol=1e-7)
-    seg = table(run(files, tmp_path / "seg", tiny, scores=True, dtype="fp32", pool="segment").out,
+    seg = table(run(files, tmp_path / "seg", tiny, scores=True, dtype="fp32", pool="segment", engine="torch").out,
                 sort=("path", "segment"))
     paths = np.array(seg.column("path").to_pylist())
     for i, name in enumerate(track.column("path").to_pylist()):

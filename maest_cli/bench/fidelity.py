@@ -20,6 +20,7 @@ records both variables.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -40,7 +41,6 @@ from maest_cli.io.artefacts import write_json
 from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST, VARIANTS
 from maest_cli.models.precision import (
-    for_inference,
     machine_info,
     set_threads,
     torch_threads,
@@ -146,11 +146,11 @@ def evaluate_presets(corpus: str | Path, spec: InferenceSpec | None = None, pres
             for n_threads in variants:
                 set_threads(n_threads or default_threads)
                 tag = f"{name}-t{n_threads or 'default'}"
-                row: dict = {"preset": name, "dtype": dt, "threads": n_threads or default_threads,
+                row: dict = {"preset": name, "dtype": dt, "engine": run.engine, "threads": n_threads or default_threads,
                              "time_keep_every": preset.time_keep_every, "drop_freq_rows": list(preset.drop_freq_rows)}
                 if timing:
-                    runner = ModelRunner(for_inference(lm.model, dt), device, dt, run.block, run.tokens,
-                                         run.patchout, False, lm.input_norm)
+                    runner = ModelRunner(dataclasses.replace(run, spec=run_spec.replace(scores=False))
+                                         .build_engine(n_threads or default_threads))
                     secs = model_only_seconds(runner, segments, batch_size, repeats)
                     row["model_only_audio_min_per_s"] = audio_s / 60 / secs
                     best_model_only = max(best_model_only or 0.0, row["model_only_audio_min_per_s"])

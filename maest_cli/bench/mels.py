@@ -28,9 +28,8 @@ from pathlib import Path
 
 from maest_cli.audio.decode import SAMPLE_RATE, iter_audio
 from maest_cli.audio.synth import write_corpus
-from maest_cli.io.artefacts import check_out_file, check_work_dir
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import tool_versions, write_json
+from maest_cli.io.artefacts import check_out_file, check_work_dir, tool_versions, write_json
 from maest_cli.mels.prepare import decoder_pool, prepare_mels
 from maest_cli.mels.writer import SECONDS_PER_FRAME
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.io.artefacts import check_out_file, check_work_dir
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import write_atomic, write_json
+from maest_cli.io.artefacts import check_out_file, check_work_dir, write_atomic, write_json
 from maest_cli.probing.fit import load_grid
 from maest_cli.probing.run import probe
 

@@ -27,7 +27,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,8 @@ from maest_cli.models.effnet import (
     to_channels_last,
 )
 from maest_cli.models.effnet import for_inference as effnet_for_inference
+from maest_cli.models.engines import ENGINES, choose_engine, convert_module, make_engine, openvino_compile
+from maest_cli.models.graph import EmbeddingGraph
 from maest_cli.models.maest import MAEST, VARIANTS, MaestConfig, Patchout
 from maest_cli.models.precision import (
     DTYPES,
@@ -201,6 +203,52 @@ def maest_contender(name: str, model: torch.nn.Module, cfg: MaestConfig, frames:
                      info={"time_keep_every": (po or Patchout()).time_keep_every,
                            "drop_freq_rows": list((po or Patchout()).drop_freq_rows),
                            "tokens": n_tokens(cfg, frames, po)})
+
+
+def maest_engine_contender(name: str, model: MAEST, cfg: MaestConfig, frames: int, block: int | None,
+                           patchout: Patchout | None, dtype: str, device: torch.device, threads: int) -> Contender:
+    """maest_contender's segment through the OpenVINO engine (models.engines): the EmbeddingGraph
+    to `block` (None: every block and the logits), converted and compiled once, untimed."""
+    po = None if patchout is None or patchout.is_identity else patchout
+    graph = EmbeddingGraph(model, block if block is not None else cfg.depth, patchout=po, scores=block is None)
+    engine = make_engine("openvino", graph, device, dtype, threads)
+    x = torch.randn(1, frames, cfg.n_mels).numpy()
+    return Contender(name, "maest", dtype, lambda: engine(x), audio_s=(frames - 1) * HOP_SIZE / SAMPLE_RATE,
+                     gflop=maest_gflop(cfg, frames, block, po),
+                     info={"engine": "openvino", "time_keep_every": (po or Patchout()).time_keep_every,
+                           "drop_freq_rows": list((po or Patchout()).drop_freq_rows),
+                           "tokens": n_tokens(cfg, frames, po)})
+
+
+def effnet_engine_contender(frames: int, dtype: str, threads: int, name: str = "effnet-b0", model=None) -> Contender:
+    """effnet_contender's patches through OpenVINO (BatchNorm folded; bf16 where `dtype` is)."""
+    run_dtype = "bf16" if dtype == "bf16" else "fp32"
+    net = effnet_for_inference(model if model is not None else random_effnet(), fold_bn=True, channels_last=False)
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.embed(x)
+
+    x = mel_patches(torch.randn(frames, 96))
+    compiled = openvino_compile(convert_module(Embed().eval(), x), run_dtype, threads)
+    request, xn = compiled.create_infer_request(), x.numpy()
+    return Contender(name, "effnet", run_dtype, lambda: request.infer([xn]),
+                     audio_s=(frames - 1) * HOP_SIZE / SAMPLE_RATE, gflop=effnet_gflop(frames),
+                     info={"engine": "openvino", "patches": n_patches(frames), "batch": n_patches(frames),
+                           "tricks": ["batchnorm folded", f"OpenVINO {run_dtype}"]})
+
+
+def parse_engines(engines: str | Sequence[str]) -> list[str]:
+    """'torch,openvino' -> ['torch', 'openvino'] (auto stays: it resolves per preset)."""
+    items = [e.strip() for e in (engines.split(",") if isinstance(engines, str) else engines) if e.strip()]
+    bad = [e for e in items if e not in ENGINES]
+    if not items or bad:
+        raise UsageError(f"--engine {','.join(items)!r}: choose one or more of {', '.join(ENGINES)}")
+    return list(dict.fromkeys(items))
 
 
 def random_effnet():
@@ -355,8 +403,8 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
               full_model: bool = False, baseline: str = "effnet-b0", threads: int | None = None,
               audio: str | Path | None = None, workers: int = 1, repeats: int = 5, warmup: int = 1,
               probe_results: list[str] | None = None, plot: str | Path | None = None,
-              compile_baseline: bool = False, console=None) -> dict:
-    """Time every preset and the baseline side by side; return the report (`print_report` shows
+              compile_baseline: bool = False, console=None, engines: str | Sequence[str] = "torch") -> dict:
+    """Time every preset (on each of `engines`) and the baseline (on each engine) side by side; return the report (`print_report` shows
     it; `plot` gets `plot_report`'s PNG). `spec` is what each preset varies: its model (None:
     random weights of `variant`, which take the same time), block (None: the model's default),
     device, dtype and, for `audio`, extract's hop. `full_model`: all blocks and the classifier head."""
@@ -377,6 +425,7 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
     if spec.model is None and variant not in VARIANTS:
         raise UsageError(f"--variant {variant!r}: choose from {', '.join(VARIANTS)}")
     dev = choose_device(spec.device)
+    engine_names = parse_engines(engines)
     specs = [spec.replace(preset=p.name) for p in resolve_presets(presets)]
     base_precision = choose_dtype(spec.dtype, dev)
     probes = parse_probe_results(probe_results)
@@ -428,12 +477,35 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
 
         # -- contenders, timed side by side
         quantised = for_inference(net, "int8") if "int8" in used else None
-        contenders = [maest_contender(r.preset.name, quantised if r.dtype == "int8" else net, cfg, frames, block,
-                                      r.preset.patchout, r.dtype, dev) for r in plan]
+        n_threads = torch.get_num_threads()
+        contenders, timed = [], set()
+        for r in plan:
+            for requested in engine_names:
+                # int8 presets are torch's dynamic int8 whatever the engine asked
+                eng = "torch" if r.dtype in QUANTISED else choose_engine(requested, dev, r.dtype).engine
+                if (r.preset.name, eng) in timed:
+                    continue
+                timed.add((r.preset.name, eng))
+                if eng == "openvino":
+                    say(f"converting {r.preset.name} for OpenVINO ...")
+                    contenders.append(maest_engine_contender(r.preset.name, net, cfg, frames, block,
+                                                             r.preset.patchout, r.dtype, dev, n_threads))
+                else:
+                    c = maest_contender(r.preset.name, quantised if r.dtype == "int8" else net, cfg, frames, block,
+                                        r.preset.patchout, r.dtype, dev)
+                    c.info = {"engine": "torch", **c.info}
+                    contenders.append(c)
         if baseline != "none":
-            if compile_baseline:
-                say("compiling the baseline (torch.compile, inductor): tens of seconds ...")
-            contenders.append(effnet_contender(frames, base_dtype, dev, compile_model=compile_baseline))
+            base_engines = list(dict.fromkeys(choose_engine(e, dev, base_dtype).engine for e in engine_names))
+            for eng in base_engines:
+                if eng == "openvino":
+                    contenders.append(effnet_engine_contender(frames, base_dtype, n_threads))
+                    continue
+                if compile_baseline:
+                    say("compiling the baseline (torch.compile, inductor): tens of seconds ...")
+                c = effnet_contender(frames, base_dtype, dev, compile_model=compile_baseline)
+                c.info = {"engine": "torch", **c.info}
+                contenders.append(c)
         gemms = {dt: matmul_probe(dt, dev) for dt in sorted({c.dtype for c in contenders})}
         contenders += gemms.values()
         load_before = os.getloadavg()
@@ -444,11 +516,16 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
 
         peak = {dt: summarise(g) for dt, g in gemms.items()}
         rows = [summarise(c) for c in contenders if c.kind == "maest"]
-        base = next((summarise(c) for c in contenders if c.kind == "effnet"), None)
-        for r in [*rows, *([base] if base else [])]:
+        bases = {c.info["engine"]: summarise(c) for c in contenders if c.kind == "effnet"}
+        base = next(iter(bases.values()), None)  # the first engine's; the others are in "baselines"
+        hop_s = plan[0].hop_frames * HOP_SIZE / SAMPLE_RATE
+        for r in [*rows, *bases.values()]:
             r["efficiency"] = r["gflops"] / peak[r["dtype"]]["gflops"]
-            if base:
-                r["ratio_to_baseline"] = r["audio_min_per_s"] / base["audio_min_per_s"]
+            b = bases.get(r["engine"], base)
+            if b:
+                r["ratio_to_baseline"] = r["audio_min_per_s"] / b["audio_min_per_s"]
+            if r["model"] == "maest":  # extract's protocol: one segment per hop of audio
+                r["extract_audio_min_per_s"] = hop_s / 60 / r["median_s"]
 
         # -- end to end and fidelity, from decoded files
         e2e = None
@@ -484,7 +561,9 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
     seg_s = (frames - 1) * HOP_SIZE / SAMPLE_RATE
     counting = (f"one timed call = one {seg_s:g} s segment ({frames} mel frames): MAEST takes it whole (batch 1); "
                 f"EfficientNet-B0 takes the same frames as Discogs-EffNet patches (128 frames, hop 62) in one batch; "
-                f"audio-min/s = {seg_s:g} s / 60 / seconds per call")
+                f"audio-min/s = {seg_s:g} s / 60 / seconds per call; extract audio-min/s: at extract's hop "
+                f"({spec.hop}: a segment every {plan[0].hop_frames * HOP_SIZE / SAMPLE_RATE:g} s), "
+                "what a catalogue costs the model")
     if audio_paths:
         counting += (f". End to end counts each file's duration once; extract with hop {spec.hop} analyses "
                      f"{'every second twice' if spec.hop == 'half' else 'segments at that hop'}, the baseline takes one "
@@ -496,7 +575,8 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
                   "config": cfg.to_dict()},
         "block": block, "frames": frames, "segment_s": seg_s, "repeats": repeats, "warmup": warmup,
         "counting": counting, "load_average": {"before": load_before[0], "after": load_after[0]},
-        "peak": peak, "results": rows, "baseline": base, "end_to_end": e2e,
+        "peak": peak, "results": rows, "baseline": base, "baselines": list(bases.values()) if baseline != "none"
+        else [], "end_to_end": e2e, "engines": engine_names,
     }
     if plot is not None:
         plot_report(report, plot)
@@ -512,17 +592,20 @@ def print_report(report: dict, console) -> None:
     what = f"to block {report['block']}" if report["block"] else "all blocks + head"
     t = Table(title=f"maest bench: {report['model']['name']} ({report['segment_s']:g} s segments, {what}), "
                     f"{report['threads']} threads, {report['repeats']} repeats")
-    cols = ["model", "dtype", "tokens", "s/call (min-max)", "audio-min/s", "vs EffNet", "GFLOP/audio-min",
-            "GFLOP/s", "of peak"]
+    cols = ["model", "engine", "dtype", "tokens", "s/call (min-max)", "audio-min/s", "extract audio-min/s",
+            "vs EffNet", "GFLOP/audio-min", "GFLOP/s", "of peak"]
     if report.get("end_to_end"):
         cols += ["e2e audio-min/s", "cos to none"]
     if any(r.get("probe") for r in [*report["results"], report.get("baseline") or {}]):
         cols.append("probe mAP")
     for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right")
-    for r in [*report["results"], *([report["baseline"]] if report.get("baseline") else [])]:
-        cells = [r["name"], r["dtype"], str(r.get("tokens", f"{r.get('patches')} patches")),
+    bases = report.get("baselines") or ([report["baseline"]] if report.get("baseline") else [])
+    for r in [*report["results"], *bases]:
+        ext = r.get("extract_audio_min_per_s")
+        cells = [r["name"], r.get("engine", "torch"), r["dtype"], str(r.get("tokens", f"{r.get('patches')} patches")),
                  f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})", f"{r['audio_min_per_s']:.2f}",
+                 f"{ext:.2f}" if ext else "-",
                  f"{r['ratio_to_baseline']:.2f}x" if r.get("ratio_to_baseline") is not None else "-",
                  f"{r['gflop_per_audio_min']:.1f}", f"{r['gflops']:.0f}", f"{r['efficiency']:.0%}"]
         if report.get("end_to_end"):

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from maest_cli.io.artefacts import check_out_file
 from maest_cli.errors import UsageError
+from maest_cli.io.artefacts import check_out_file
 from maest_cli.models.maest import MAEST, VARIANTS, random_patchout
 from maest_cli.models.precision import (
     autocast,

@@ -16,7 +16,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from maest_cli.cli import bench, datasets, demo, embedding, models, probing, training
+from maest_cli.cli import bench, datasets, demo, embedding, exporting, models, probing, training
 from maest_cli.cli.output import print_error
 from maest_cli.errors import exit_code_of
 
@@ -82,6 +82,7 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(demo.corpus_app, name="corpus")
 app.command("findings")(demo.findings_command)
+app.command("export")(exporting.export_command)
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ def throughput_command(
                                         "mAP), like the paper's Figure 3 (needs --audio or --probe)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     out: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
+    engine: str = typer.Option("torch", "--engine", help="Engines to time each preset and the baseline on, e.g. "
+                               "torch,openvino (auto: what extract would use)."),
     model_only: bool = typer.Option(False, "--model-only", help="Model-only timing even when --audio is given."),
     compile_baseline: bool = typer.Option(False, "--compile", help="torch.compile the baseline (about 1.7x faster "
                                           "on CPU; MAEST is GEMM-bound and gains nothing, so it stays eager)."),
@@ -52,10 +54,9 @@ def throughput_command(
     """Audio-minutes per second of each preset against EfficientNet-B0, FLOPs and efficiency."""
     if ctx.invoked_subcommand is not None:
         return
-    from maest_cli.io.artefacts import check_out_file
     from maest_cli.bench.throughput import print_report, run_bench
     from maest_cli.embed.spec import InferenceSpec
-    from maest_cli.io.artefacts import write_json
+    from maest_cli.io.artefacts import check_out_file, write_json
 
     check_out_file(out)
     console = stderr_console()
@@ -63,7 +64,7 @@ def throughput_command(
     report = run_bench(spec, presets=presets, variant=variant, full_model=block == 0, baseline=baseline,
                        threads=threads, audio=None if model_only else audio, workers=workers, repeats=repeats,
                        warmup=warmup, probe_results=probe, plot=plot, compile_baseline=compile_baseline,
-                       console=console)
+                       console=console, engines=engine)
     print_report(report, console)
     if out:
         write_json(out, report)
@@ -97,6 +98,7 @@ def fidelity_command(
     threads: str = typer.Option("default", "--threads", help="Model thread counts to compare, e.g. 2,1 "
                                 "('default': torch's, all cores)."),
     repeats: int = typer.Option(1, "--repeats", help="Model-only timing repeats (median)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (OpenVINO on CPU, torch on GPUs, for int8 and without openvino), torch or openvino."),
     no_timing: bool = typer.Option(False, "--no-timing", help="Fidelity only."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the extractions go (default: a temp "
                                             "dir)."),
@@ -108,9 +110,9 @@ def fidelity_command(
     Model-only and end-to-end audio-minutes per second of each preset, and the cosine similarity
     of its track embeddings to those of preset none (fp32, the exact model)."""
     from maest_cli.bench.fidelity import run_fidelity
-    from maest_cli.io.artefacts import check_out_file
     from maest_cli.embed.spec import InferenceSpec
     from maest_cli.errors import UsageError
+    from maest_cli.io.artefacts import check_out_file
 
     try:
         thread_counts = [None if t.strip() == "default" else int(t) for t in threads.split(",") if t.strip()]
@@ -119,7 +121,7 @@ def fidelity_command(
     if not thread_counts or any(t is not None and t < 1 for t in thread_counts):
         raise UsageError(f"--threads {threads!r}: counts must be 1 or more")
     check_out_file(out)
-    spec = InferenceSpec(model=model, block=block, hop=hop, dtype=dtype, device="cpu")
+    spec = InferenceSpec(model=model, block=block, hop=hop, dtype=dtype, device="cpu", engine=engine)
     run_fidelity(corpus, spec, [p.strip() for p in presets.split(",") if p.strip()], songs=songs, min_s=min_s,
                  max_s=max_s, random_weights=random_weights, workers=workers, batch_size=batch_size,
                  work_dir=work_dir, timing=not no_timing, repeats=repeats, threads=thread_counts, out=out,

@@ -32,6 +32,7 @@ def extract_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto (the preset's: bf16 where native, else fp32; int8 for the -int8 "
                               "presets), fp32, bf16, fp16 (GPU), int8 (CPU)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (OpenVINO on CPU, torch on GPUs, for int8 and without openvino), torch or openvino."),
     workers: int = typer.Option(1, help="Decoder processes (0: decode in the main process)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Segments per forward (CPU: 1 is fastest)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Model threads in the main process (default: "
@@ -51,7 +52,7 @@ def extract_command(
 
     spec = InferenceSpec(model=model, preset=patchout, time_keep_every=time_keep_every,
                          drop_freq_rows=drop_freq_rows, block=block, tokens=tokens, pool=pool, hop=hop,
-                         scores=scores, device=device, dtype=dtype)
+                         scores=scores, device=device, dtype=dtype, engine=engine)
     summary = extract([str(p) for p in paths], out, spec, workers=workers, batch_size=batch_size, threads=threads,
                       extensions=ext.split(",") if ext else None, overwrite=overwrite, shard=shard,
                       progress=not quiet, files_per_part=files_per_part)

@@ -37,6 +37,8 @@ def probe_command(
                                         "blocks (default: the model's, 7 for the official models)."),
     tokens: str = typer.Option("cls,dist,avg", "--tokens", help="With --audio-root: tokens to stack."),
     dtype: str = typer.Option("auto", "--dtype", help="With --audio-root: auto, fp32, bf16."),
+    engine: str = typer.Option("auto", "--engine", help="With --audio-root: auto (OpenVINO on CPU), torch or "
+                               "openvino."),
     workers: int = typer.Option(1, "--workers", help="With --audio-root: decoding workers."),
     extract_batch_size: int = typer.Option(1, "--extract-batch-size", help="With --audio-root: model batch."),
 ) -> None:
@@ -60,7 +62,8 @@ def probe_command(
 
     spec = None
     if audio_root is not None:
-        spec = InferenceSpec(model=model, preset=patchout, block=block, tokens=tokens, dtype=dtype, device=device)
+        spec = InferenceSpec(model=model, preset=patchout, block=block, tokens=tokens, dtype=dtype, device=device,
+                             engine=engine)
     results = probe(args[0], dataset_root=dataset_root, embeddings=embeddings, audio_root=audio_root, spec=spec,
                     split=split, grid=grid, seeds=seeds, device=device,
                     out=out or default_out(args[0], embeddings, audio_root), threads=threads, min_match=min_match,

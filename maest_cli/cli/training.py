@@ -35,8 +35,7 @@ def train_command(
     """Train MAEST with patchout on a mel dataset (resumable; --nproc N for DDP)."""
     from maest_cli.errors import UsageError
     from maest_cli.training.config import parse_set
-    from maest_cli.training.loop import (check_run, in_launched_worker, launch, recorded_processes, train,
-                                         worker_argv)
+    from maest_cli.training.loop import check_run, in_launched_worker, launch, recorded_processes, train, worker_argv
 
     if nproc is not None and nproc < 1:
         raise UsageError("--nproc must be 1 or more")

@@ -44,6 +44,7 @@ from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
 from maest_cli.bench import throughput as bench
 from maest_cli.demo.corpus import MANIFEST, build_corpus, corpus_info
 from maest_cli.demo.report import assemble, write_report
+from maest_cli.embed.spec import InferenceSpec
 from maest_cli.embed.sweep import (
     EffNetEmbedder,
     MaestSweep,
@@ -52,7 +53,6 @@ from maest_cli.embed.sweep import (
     block_dir,
     run_sweep,
 )
-from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import sha256_file, tool_versions, write_json
 from maest_cli.io.config import ConfigError

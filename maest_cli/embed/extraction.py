@@ -32,12 +32,7 @@ from maest_cli.embed.spec import InferenceSpec, Resolved
 from maest_cli.embed.store import FORMAT, EmbeddingStore, Shard
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import tool_versions
-from maest_cli.models.precision import (
-    autocast,
-    for_inference,
-    set_threads,
-    torch_threads,
-)
+from maest_cli.models.precision import set_threads, torch_threads
 
 # ------------------------------------------------------------------ options
 
@@ -74,25 +69,19 @@ def shard_of(f: FoundFile, count: int) -> int:
 # ------------------------------------------------------------------ model side
 
 class ModelRunner:
-    """Batches of log-mel segments -> input scaling of the model -> embeddings (and sigmoid scores)."""
+    """Batches of log-mel segments -> the run's engine (Resolved.build_engine) -> embeddings (and
+    sigmoid scores), timing the engine."""
 
-    def __init__(self, model, device, dtype: str, block: int, tokens: tuple[str, ...], patchout, scores: bool,
-                 norm):
-        self.model, self.device, self.dtype, self.norm = model, device, dtype, norm
-        self.block, self.tokens, self.scores = block, tokens, scores
-        self.patchout = None if patchout is None or patchout.is_identity else patchout
+    def __init__(self, engine):
+        self.engine = engine
         self.seconds = 0.0
 
     def __call__(self, frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-
         t0 = time.perf_counter()
-        x = self.norm.apply(torch.from_numpy(np.stack(frames)).to(self.device))
-        with torch.inference_mode(), autocast(self.device, self.dtype):
-            out = self.model(x, blocks=[self.block], logits=self.scores, patchout=self.patchout)
-        emb = out.embedding(self.block, self.tokens).float().cpu().numpy()
-        sc = torch.sigmoid(out.logits.float()).cpu().numpy() if self.scores else None
+        emb, logits = self.engine(np.stack(frames))
+        sc = None if logits is None else torch.sigmoid(torch.from_numpy(logits)).numpy()
         self.seconds += time.perf_counter() - t0
         return emb, sc
 
@@ -226,6 +215,8 @@ class ExtractSummary:
     preset: str = ""
     dtype: str = ""
     device: str = ""
+    engine: str = ""  # torch or openvino
+    engine_version: str = ""
     threads: int = 0  # torch intra-op threads of the model (main process)
     workers: int = 0  # decoder processes
     shard: str | None = None
@@ -303,19 +294,19 @@ def extract(paths, out, spec: InferenceSpec | None = None, *, workers=1, batch_s
 
     # -- the model, and the spec resolved against it
     lm, run = spec.load(registry=registry, progress=progress)
-    early_warnings = [run.dtype_note] if run.dtype_note else []
+    early_warnings = list(run.notes)
     if not files:
         what = ", ".join(f"{n} {k}" for k, n in skipped.most_common(5))
         early_warnings.append(f"no audio files found under {', '.join(os.fspath(p) for p in paths)}"
                               + (f" (skipped: {what}; --ext chooses the extensions)" if what else ""))
     lm.model.eval()
-    net = for_inference(lm.model, run.dtype)  # int8: a quantised copy; else the model itself
     n_threads = int(threads) if threads else torch_threads()
     settings, metadata = dataset_records(run, n_threads, int(workers))
     schema = output_schema(spec.pool, run.embedding_dim, run.config.n_classes if spec.scores else None)
 
     summary = ExtractSummary(out=str(out), model=lm.name, model_sha256=lm.sha256, preset=run.preset.name,
-                             dtype=run.dtype, device=str(run.device), threads=n_threads, workers=int(workers),
+                             dtype=run.dtype, device=str(run.device), engine=run.engine,
+                             engine_version=run.engine_version, threads=n_threads, workers=int(workers),
                              shard=f"{the_shard.index}/{the_shard.count}" if the_shard else None)
     store = EmbeddingStore(out, schema, settings, metadata, the_shard, overwrite, files_per_part).open()
     source = None
@@ -345,8 +336,7 @@ def extract(paths, out, spec: InferenceSpec | None = None, *, workers=1, batch_s
                 source = InlineDecoder(tasks, run.segment_frames, run.hop_frames)
             else:
                 source = DecoderPool(tasks, int(workers), run.segment_frames, run.hop_frames)
-            runner = ModelRunner(net, run.device, run.dtype, run.block, run.tokens, run.patchout, spec.scores,
-                                 run.input_norm)
+            runner = ModelRunner(run.build_engine(n_threads, say=display.say))
             _run(todo, source, runner, store, schema, spec.pool, int(batch_size), display, summary)
             summary.model_seconds = runner.seconds
             source.close()

@@ -18,6 +18,8 @@ import torch
 from maest_cli.audio.frontend import FRONTEND, HOP_SIZE, SAMPLE_RATE, InputNorm
 from maest_cli.audio.segments import hop_frames
 from maest_cli.errors import UsageError
+from maest_cli.models.engines import ENGINES, choose_engine, make_engine
+from maest_cli.models.graph import EmbeddingGraph
 from maest_cli.models.maest import TOKENS, MaestConfig, Patchout
 from maest_cli.models.precision import choose_dtype, resolve_device
 from maest_cli.models.presets import PatchoutPreset, get_preset
@@ -70,6 +72,7 @@ class InferenceSpec:
     scores: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "auto"  # auto, torch or openvino (models.engines.choose_engine)
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
@@ -79,6 +82,8 @@ class InferenceSpec:
         fix("drop_freq_rows", parse_rows(self.drop_freq_rows))
         fix("hop", str(self.hop))
         fix("scores", bool(self.scores))
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r}: choose auto, torch or openvino")
         if self.pool not in POOLS:
             raise UsageError(f"--pool {self.pool!r}: choose track or segment")
         if self.time_keep_every is not None:
@@ -119,7 +124,9 @@ class InferenceSpec:
         except ValueError as e:
             raise UsageError(f"--patchout {preset.name}: {e}") from None
         precision = choose_dtype(self.dtype, device, default=preset.dtype)
+        engine = choose_engine(self.engine, device, precision.dtype)
         return Resolved(spec=self, preset=preset, device=device, dtype=precision.dtype, dtype_note=precision.note,
+                        engine=engine.engine, engine_version=engine.version, engine_note=engine.note,
                         block=block, segment_frames=config.frames, hop_frames=hop_frames(self.hop, config.frames),
                         embedding_dim=len(self.tokens) * config.width, config=config, model=model)
 
@@ -147,6 +154,26 @@ class Resolved:
     embedding_dim: int
     config: MaestConfig
     model: LoadedModel | None = None
+    engine: str = "torch"  # torch or openvino: the engine rule's choice (models.engines.choose_engine)
+    engine_version: str = ""
+    engine_note: str | None = None  # one line saying why the engine differs from what was asked
+
+    @property
+    def notes(self) -> list[str]:
+        """The lines saying where the run differs from what was asked."""
+        return [n for n in (self.dtype_note, self.engine_note) if n]
+
+    def build_engine(self, threads: int, say=None):
+        """The loaded model as a callable: unnormalised mel [B, frames, 96] -> (embedding, logits or None)."""
+        graph = EmbeddingGraph(self.model.model, self.block, self.tokens, self.patchout, self.spec.scores,
+                               self.input_norm)
+        p = self.preset.patchout
+        key = None if self.model.sha256 is None else {
+            "model_sha256": self.model.sha256, "model_config": self.config.to_dict(), "block": self.block,
+            "tokens": list(self.tokens), "time_keep_every": p.time_keep_every,
+            "drop_freq_rows": list(p.drop_freq_rows), "scores": self.spec.scores,
+            "input_norm": self.input_norm.to_dict()}
+        return make_engine(self.engine, graph, self.device, self.dtype, threads, key, say)
 
     @property
     def patchout(self) -> Patchout | None:
@@ -163,7 +190,8 @@ class Resolved:
         return self.model.input_norm if self.model is not None else InputNorm()
 
     def settings(self) -> dict:
-        """What makes rows comparable: a rerun into the same dataset must match these exactly."""
+        """What makes rows comparable: a rerun into the same dataset must match these exactly. The
+        engine is not among them: engines agree within the parity tests' bounds (metadata names it)."""
         p = self.preset.patchout
         return {"model_sha256": self.model.sha256 if self.model else None, "model_config": self.config.to_dict(),
                 "block": self.block, "tokens": list(self.tokens), "pool": self.spec.pool,
@@ -188,4 +216,5 @@ class Resolved:
                         "labels": lm.labels if lm else None} if self.spec.scores else None),
             "frontend": FRONTEND.to_dict(), "input_norm": self.input_norm.to_dict(),
             "dtype": self.dtype, "dtype_note": self.dtype_note, "device": str(self.device),
+            "engine": {"name": self.engine, "version": self.engine_version, "note": self.engine_note},
         }

@@ -183,7 +183,7 @@ class MaestSweep:
 
         if batch_size < 1:
             raise UsageError("batch_size must be >= 1")
-        spec = (spec or InferenceSpec(device="cpu")).replace(pool="track", scores=False)
+        spec = (spec or InferenceSpec(device="cpu")).replace(pool="track", scores=False, engine="torch")
         cfg = lm.config
         self.lm, self.cfg = lm, cfg
         blocks = list(range(1, cfg.depth + 1)) if blocks is None else sorted(set(int(b) for b in blocks))

@@ -254,7 +254,9 @@ class MAEST(nn.Module):
         else:
             x = x + self.grid_pos_embed[..., :t]
         if patchout is not None and not patchout.is_identity:
-            x = x[:, :, patchout.freq_index(f)][..., patchout.time_index(t)]
+            x = x[:, :, patchout.freq_index(f)]
+            # a strided slice, not an index list, so a traced graph keeps a dynamic frames axis
+            x = x[..., ::patchout.time_keep_every] if patchout.keep_time is None else x[..., patchout.time_index(t)]
         x = x.flatten(2).transpose(1, 2)  # frequency-major: token f * T + t
         cls = (self.cls_token + self.new_pos_embed[:, :1]).expand(b, -1, -1)
         dist = (self.dist_token + self.new_pos_embed[:, 1:]).expand(b, -1, -1)
