@@ -26,6 +26,8 @@ from maest_cli.models.presets import PatchoutPreset, get_preset
 from maest_cli.models.registry import LoadedModel, load_model
 
 POOLS = ("track", "segment")
+# Resolved.settings() that change the rows but not the converted model an engine caches
+GRAPH_INDEPENDENT_SETTINGS = ("pool", "segment_frames", "hop_frames", "dtype", "frontend")
 SEGMENTATION = ("segments of segment.frames mel frames every hop.frames; a track shorter than a segment is one "
                 "shorter segment (truncated time encodings, no padding); a longer track ends with a segment "
                 "aligned to its end; track rows are the mean over segments")
@@ -167,12 +169,9 @@ class Resolved:
         """The loaded model as a callable: unnormalised mel [B, frames, 96] -> (embedding, logits or None)."""
         graph = EmbeddingGraph(self.model.model, self.block, self.tokens, self.patchout, self.spec.scores,
                                self.input_norm)
-        p = self.preset.patchout
+        # the settings that shape the graph (precision is chosen when it is compiled)
         key = None if self.model.sha256 is None else {
-            "model_sha256": self.model.sha256, "model_config": self.config.to_dict(), "block": self.block,
-            "tokens": list(self.tokens), "time_keep_every": p.time_keep_every,
-            "drop_freq_rows": list(p.drop_freq_rows), "scores": self.spec.scores,
-            "input_norm": self.input_norm.to_dict()}
+            k: v for k, v in self.settings().items() if k not in GRAPH_INDEPENDENT_SETTINGS}
         return make_engine(self.engine, graph, self.device, self.dtype, threads, key, say)
 
     @property

@@ -79,11 +79,6 @@ def choose_dtype(requested: str, device: torch.device, default: str = "auto") ->
     return DtypeChoice(dtype)
 
 
-def resolve_dtype(dtype: str, device: torch.device, default: str = "auto") -> str:
-    """choose_dtype's dtype, for callers that print no note."""
-    return choose_dtype(dtype, device, default).dtype
-
-
 def autocast(device: torch.device, dtype: str):
     """Mixed-precision context for dtype ('fp32' and 'int8' = none: a quantised model's other
     layers run in fp32)."""
