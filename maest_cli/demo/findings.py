@@ -475,8 +475,7 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
         preset_names.insert(0, "none")
     # the inputs that are given are checked before the corpus is built (that takes minutes)
     lm = load_model(opts.model, device=opts.device)
-    if opts.effnet:
-        load_effnet(opts.effnet, device=opts.device)
+    given_effnet = load_effnet(opts.effnet, device=opts.device) if opts.effnet else None
     if opts.mels:
         try:
             MelDataset(opts.mels)
@@ -504,7 +503,7 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
         return trained_effnet(opts, mels, work, log)
 
     effnet_path, effnet_run = steps.run("effnet-train", effnet_step)
-    eff = load_effnet(effnet_path, device=opts.device)
+    eff = given_effnet or load_effnet(effnet_path, device=opts.device)  # a given one is trained_effnet's path
 
     mels = MelCache(work / "mel-cache")
     emb = work / "emb"
