@@ -49,7 +49,7 @@ from maest_cli.audio.frontend import OFFICIAL_NORM, InputNorm
 from maest_cli.errors import MaestError, UsageError
 from maest_cli.io.artefacts import tool_versions, write_atomic, write_json
 from maest_cli.mels.dataset import DatasetError, MelDataset
-from maest_cli.models.checkpoints import PAPER_BLOCK, save_checkpoint
+from maest_cli.models.checkpoints import default_block, save_checkpoint
 from maest_cli.models.maest import MAEST, random_patchout
 from maest_cli.models.precision import autocast, choose_dtype, resolve_device
 from maest_cli.training.config import RESUMABLE_CHANGES, TrainConfig, load_train_config
@@ -437,7 +437,7 @@ class Tagger(nn.Module):
 def check_run(data, out, config, overrides: dict, resume) -> None:
     """Everything `train` checks before it trains (options, recipe, run directory, dataset), for a
     launcher to run once before N processes start and fail alike."""
-    _, data_dir, _, _ = resolve_run(data, out, config, overrides, resume)
+    _, data_dir, _, _ = resolve_run(data, out, config, overrides, resume, mmap=True)
     _open_dataset(data_dir)
 
 
@@ -465,12 +465,14 @@ def choose_normalization(cfg: TrainConfig, data: MelDataset, init: InitInfo) -> 
     return InputNorm(float(mean), float(std), "dataset")
 
 
-def resolve_run(data, out, config, overrides: dict, resume) -> tuple[TrainConfig, Path, Path, dict | None]:
-    """(config, dataset dir, run dir, saved state or None) from the command line."""
+def resolve_run(data, out, config, overrides: dict, resume,
+                mmap: bool = False) -> tuple[TrainConfig, Path, Path, dict | None]:
+    """(config, dataset dir, run dir, saved state or None) from the command line; `mmap`: map the
+    state's tensors instead of reading them (for callers that only check)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if resume is not None:
         run_dir = Path(resume)
-        state = load_state(run_dir)
+        state = load_state(run_dir, mmap=mmap)
         cfg = TrainConfig.from_dict(state["config"], f"{run_dir / STATE}")
         changed = {k: v for k, v in overrides.items() if getattr(cfg, k) != v}
         refused = sorted(set(changed) - set(RESUMABLE_CHANGES))
@@ -650,7 +652,7 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
             "dataset": dataset_info, "train_config": cfg.to_dict(), "input_norm": norm.to_dict(),
             "init": init.to_dict(), "validation": val, "swa_snapshots": swa.n if kind == "swa" else None,
             "versions": tool_versions(),
-            **({"default_block": cfg.default_block or min(PAPER_BLOCK, mcfg.depth)} if cfg.is_maest else {})})
+            **({"default_block": cfg.default_block or default_block({}, mcfg.depth)} if cfg.is_maest else {})})
 
     d.barrier()
     if d.main:
