@@ -28,12 +28,9 @@ class EmbeddingGraph(nn.Module):
         self.model = model.eval()
         self.block, self.tokens, self.scores = int(block), tuple(tokens), bool(scores)
         self.patchout = None if patchout is None or patchout.is_identity else patchout
-        norm = input_norm or InputNorm()
-        self.mean, self.scale = float(norm.mean), float(2.0 * norm.std)
-        self.token_index = [TOKENS.index(t) for t in self.tokens]
+        self.input_norm = input_norm or InputNorm()
 
     def forward(self, mel: torch.Tensor):
-        x = (mel - self.mean) / self.scale
-        out = self.model(x, blocks=[self.block], logits=self.scores, patchout=self.patchout)
-        emb = out.tokens[self.block][:, self.token_index].flatten(1)
+        out = self.model(self.input_norm.apply(mel), blocks=[self.block], logits=self.scores, patchout=self.patchout)
+        emb = out.embedding(self.block, self.tokens)
         return (emb, out.logits) if self.scores else emb
