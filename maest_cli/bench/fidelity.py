@@ -37,7 +37,7 @@ from maest_cli.audio.walk import find_audio_files
 from maest_cli.embed.extraction import ModelRunner, extract
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import MaestError, UsageError
-from maest_cli.io.artefacts import write_json
+from maest_cli.io.artefacts import check_out_file, write_json
 from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST, VARIANTS
 from maest_cli.models.precision import (
@@ -231,6 +231,7 @@ def run_fidelity(corpus: str | Path, spec: InferenceSpec | None = None, presets=
     synthetic songs (kept for later runs); `random_weights` VARIANT replaces spec's model by a
     seeded random MAEST of that variant (for speed where the weights are missing)."""
     spec = spec or InferenceSpec(device="cpu")
+    check_out_file(out)
     if songs < 0 or not 0 < min_s <= max_s:
         raise UsageError("--songs must be >= 0 and 0 < --min-s <= --max-s")
     if Path(corpus).exists() and not Path(corpus).is_dir():

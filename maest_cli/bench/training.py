@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import check_out_file
+from maest_cli.io.artefacts import check_out_file, write_json
 from maest_cli.models.maest import MAEST, VARIANTS, random_patchout
 from maest_cli.models.precision import (
     autocast,
@@ -63,9 +63,11 @@ def bench_settings(drop_time: int, drop_freq: int) -> dict[str, tuple[int, int]]
 
 
 def run_train_bench(variant: str = "30s", batch_size: int = 4, drop_time: int | None = None, drop_freq: int = 3,
-                    dtype: str = "auto", repeats: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
+                    dtype: str = "auto", repeats: int = 5, warmup: int = 1, threads: int | None = None,
+                    out: str | Path | None = None) -> dict:
     """Samples/s of training steps in each of bench_settings; medians, spreads, speed-ups (the
-    headline `speedup`: time columns only)."""
+    headline `speedup`: time columns only); also written to `out` (JSON) when given."""
+    check_train_bench(variant, batch_size, drop_time, drop_freq, dtype, repeats, warmup, threads, out)
 
     if threads:
         torch.set_num_threads(threads)
@@ -100,6 +102,8 @@ def run_train_bench(variant: str = "30s", batch_size: int = 4, drop_time: int | 
               "machine": machine_info(), "results": rows,
               "speedup": rows[1]["speedup"],  # the paper's time patchout: time columns only
               "speedup_time_freq": rows[2]["speedup"] if len(rows) > 2 else None}
+    if out:
+        write_json(out, result)
     return result
 
 

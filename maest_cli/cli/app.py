@@ -35,9 +35,6 @@ def exit_status(e: BaseException) -> int:
             ctx = getattr(e, "ctx", None)
             print_error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
         return e.exit_code
-    if isinstance(e, typer.Abort):
-        print_error("aborted")
-        return 1
     code = exit_code_of(e)
     if code is None:
         raise e

@@ -67,10 +67,9 @@ def info_command(
     download: bool = typer.Option(False, "--download", help="Download the weights if missing."),
 ) -> None:
     """Config, parameter count, labels, checksum and provenance (pinned or recorded hash) of a model."""
-    from maest_cli.models.registry import load_registry, model_info
+    from maest_cli.models.registry import model_info
 
-    reg = load_registry()
-    print(json.dumps(model_info(model, registry=reg, download=download), indent=2))
+    print(json.dumps(model_info(model, download=download), indent=2))
 
 
 @models_app.command("bundle")
@@ -84,7 +83,6 @@ def bundle_command(
                                        "file name)."),
 ) -> None:
     """Package a trained run as a bundled model (fp16 weights and its training record)."""
-    from maest_cli.models.bundle import bundle_run, check_run
+    from maest_cli.models.bundle import bundle_run
 
-    check_run(run_dir, weights)
     print(json.dumps(bundle_run(run_dir, dest, weights, name=name), indent=2))

@@ -23,6 +23,7 @@ def bundle_run(run_dir: str | Path, dest_stem: str | Path, weights: str = "swa",
     The SWA weights are the default, as the published MAEST models; the metadata keeps the
     input normalisation the model was trained with, so extract scales its input the same way.
     """
+    check_run(run_dir, weights)
     run, dest = Path(run_dir), Path(dest_stem)
     src = run / f"{weights}.safetensors"
     ckpt = load_checkpoint(src)
