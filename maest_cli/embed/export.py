@@ -27,7 +27,7 @@ from maest_cli.audio.frontend import FRONTEND, N_MELS
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import MaestError, UsageError
 from maest_cli.io.artefacts import atomic_path, tool_versions
-from maest_cli.models.engines import no_telemetry
+from maest_cli.models.engines import convert_module, no_telemetry, openvino_version, short_version
 from maest_cli.models.graph import EmbeddingGraph
 from maest_cli.models.presets import load_presets
 
@@ -201,7 +201,7 @@ def _write_openvino(graph: EmbeddingGraph, example: torch.Tensor, meta: dict, pa
     import openvino as ov
 
     xml, bin_ = paths
-    model = ov.convert_model(graph, example_input=(example,), input=[ov.PartialShape([-1, -1, N_MELS])])
+    model = convert_module(graph, example, dynamic=(0, 1))
     model.inputs[0].get_tensor().set_names({"mel"})
     names = ["embedding", "logits"] if graph.scores else ["embedding"]
     for out, name in zip(model.outputs, names):
@@ -224,7 +224,7 @@ def _write_openvino(graph: EmbeddingGraph, example: torch.Tensor, meta: dict, pa
                 res = compiled({"mel": mel})
                 return [res[name] for name in names]
 
-            report = {"engine": f"openvino {ov.__version__.split('-')[0]}",
+            report = {"engine": f"openvino {short_version(openvino_version())}",
                       **_compare(graph, run)}
         with atomic_path(xml) as tx, atomic_path(bin_) as tb:  # the inner one (.bin) is renamed first
             os.replace(tmp_bin, tb)

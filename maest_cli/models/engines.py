@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from maest_cli.errors import UsageError
-from maest_cli.io.artefacts import sha256_file, write_atomic
+from maest_cli.io.artefacts import atomic_path, sha256_file, write_atomic
 from maest_cli.models.graph import EmbeddingGraph
 from maest_cli.models.precision import QUANTISED, autocast, for_inference
 from maest_cli.models.registry import cache_dir
@@ -191,9 +192,9 @@ class ModelCache:
                 ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
                 hashes = {}
                 for name in ("model.bin", "model.xml"):
-                    data = (Path(tmp) / name).read_bytes()
-                    write_atomic(self.dir / name, data)
-                    hashes[name] = hashlib.sha256(data).hexdigest()
+                    with atomic_path(self.dir / name) as target:
+                        os.replace(Path(tmp) / name, target)
+                    hashes[name] = sha256_file(self.dir / name)
             write_atomic(self.manifest, json.dumps({"key": self.key, "sha256": hashes}, indent=1))
         except (OSError, RuntimeError):  # disk full, read-only cache: the run goes on uncached
             shutil.rmtree(self.dir, ignore_errors=True)
