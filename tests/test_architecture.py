@@ -17,6 +17,12 @@ PACKAGE = REPO / "maest_cli"
 API = ("extract", "prepare_mels", "train", "probe", "run_bench", "load_model", "build_corpus", "run_findings")
 
 
+def import_every_module() -> None:
+    for info in pkgutil.walk_packages(maest_cli.__path__, "maest_cli."):
+        if info.name != "maest_cli.__main__":  # that one runs the CLI
+            importlib.import_module(info.name)
+
+
 def modules() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
@@ -61,9 +67,7 @@ def test_no_module_or_subpackage_is_named_like_an_api_function():
 
 
 def test_every_project_error_is_a_maest_error_with_its_exit_code():
-    for info in pkgutil.walk_packages(maest_cli.__path__, "maest_cli."):
-        if info.name != "maest_cli.__main__":
-            importlib.import_module(info.name)
+    import_every_module()
     errors = {cls for cls in _subclasses(BaseException) if cls.__module__.startswith("maest_cli")}
     assert len(errors) > 10  # every module was imported, so their errors are known
     strays = sorted(f"{c.__module__}.{c.__name__}" for c in errors if not issubclass(c, MaestError))
@@ -92,8 +96,6 @@ def _subclasses(cls: type) -> set[type]:
 
 
 def test_the_api_names_are_functions_whatever_was_imported_before():
-    for info in pkgutil.walk_packages(maest_cli.__path__, "maest_cli."):
-        if info.name != "maest_cli.__main__":
-            importlib.import_module(info.name)
+    import_every_module()
     for name in API:
         assert inspect.isfunction(getattr(maest_cli, name)), name
