@@ -27,7 +27,7 @@ import torch
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import atomic_path, sha256_file, write_atomic
 from maest_cli.models.graph import EmbeddingGraph
-from maest_cli.models.precision import QUANTISED, autocast, for_inference
+from maest_cli.models.precision import QUANTISED, autocast, cpu_flags, for_inference
 from maest_cli.models.registry import cache_dir
 
 ENGINES = ("auto", "torch", "openvino")
@@ -116,12 +116,7 @@ class TorchEngine:
 
 def cpu_flags_digest() -> str:
     """The CPU's instruction-set flags, hashed: a cached model is for the CPU it was made on."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256(" ".join(sorted(flags.split()[2:])).encode()).hexdigest()[:16]
+    return hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
 
 
 def convert_module(module: torch.nn.Module, example: torch.Tensor, dynamic: tuple[int, ...] = ()):

@@ -18,16 +18,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTISED = ("int8",)
 
 
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The instruction-set flags /proc/cpuinfo lists (none where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return ()
+    return tuple(line.split(":", 1)[1].split()) if ":" in line else ()
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """True where bf16 matmuls are fast: AVX512-BF16 or AMX. Elsewhere (e.g. Zen 3, Skylake)
     oneDNN emulates them and bf16 autocast is hundreds of times slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -127,12 +133,10 @@ def torch_threads() -> int:
 def machine_info() -> dict:
     """The CPU, its SIMD flags and torch's threads: what shapes a measured speed."""
 
-    cpu, flags = platform.processor() or platform.machine(), []
+    cpu, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
