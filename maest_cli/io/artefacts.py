@@ -109,18 +109,19 @@ def check_out_file(out: str | Path | None, option: str = "--out") -> None:
     p = Path(out)
     if p.is_dir():
         raise UsageError(f"{option} {p}: a directory; give the name of the JSON file to write")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{option} {p}: {parent} is a file, not a directory")
-            return
+    _nearest_is_dir(p.parents, p, option)
 
 
 def check_work_dir(work: str | Path, option: str = "--work") -> None:
     """`work` is a directory, or can become one."""
     p = Path(work)
-    for q in (p, *p.parents):
+    _nearest_is_dir((p, *p.parents), p, option)
+
+
+def _nearest_is_dir(candidates, shown: Path, option: str) -> None:
+    """The first of `candidates` that exists must be a directory (what `shown` is made in)."""
+    for q in candidates:
         if q.exists():
             if not q.is_dir():
-                raise UsageError(f"{option} {p}: {q} is a file, not a directory")
+                raise UsageError(f"{option} {shown}: {q} is a file, not a directory")
             return
