@@ -865,7 +865,7 @@ def _die_at_once(*args) -> None:
 
 
 def test_decoders_that_keep_dying_stop_the_run_with_one_line(catalogue, tiny, tmp_path, monkeypatch):
-    """DecodersDied (an OSError) from the pool: exit code 1 and one line, not a traceback or a spin."""
+    """WorkersDied (an OSError) from the pool: exit code 1 and one line, not a traceback or a spin."""
     import functools
 
     import maest_cli.embed.extraction as ex
