@@ -16,7 +16,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from maest_cli.cli import bench, datasets, demo, embedding, exporting, models, probing, training
+from maest_cli.cli import bench, demo, embedding, exporting, mels, models, probing, training
 from maest_cli.cli.output import print_error
 from maest_cli.errors import exit_code_of
 
@@ -72,7 +72,7 @@ app = typer.Typer(
 )
 
 app.command("extract")(embedding.extract_command)
-app.command("prepare-mels")(datasets.prepare_mels_command)
+app.command("prepare-mels")(mels.prepare_mels_command)
 app.command("train")(training.train_command)
 app.command("probe")(probing.probe_command)
 app.add_typer(models.models_app, name="models")

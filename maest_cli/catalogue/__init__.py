@@ -1,0 +1,1 @@
+"""From embeddings to answers about a catalogue: tags by name, similar tracks, near-duplicates."""

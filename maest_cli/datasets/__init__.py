@@ -1,0 +1,1 @@
+"""Public research datasets the tool can fetch, verify and find: MagnaTagATune and MTG-Jamendo."""
