@@ -16,16 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from maest_cli.cli.app import app
+from maest_cli.embed.reading import describe_embeddings, open_embeddings
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.io.config import ConfigError
-from maest_cli.probing.data import (
-    ProbeError,
-    UsageError,
-    describe_embeddings,
-    join_tracks,
-    load_annotations,
-    open_embeddings,
-)
+from maest_cli.probing.data import ProbeError, UsageError, join_tracks, load_annotations
 from maest_cli.probing.fit import (
     ProbeConfig,
     ProbeData,

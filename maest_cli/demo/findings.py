@@ -44,6 +44,7 @@ from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
 from maest_cli.bench import throughput as bench
 from maest_cli.demo.corpus import MANIFEST, build_corpus, corpus_info
 from maest_cli.demo.report import assemble, write_report
+from maest_cli.embed.reading import EmbeddingsError
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.embed.sweep import (
     EffNetEmbedder,
@@ -329,7 +330,7 @@ def probe_one(job: ProbeJob, grid: str, threads: int = 1) -> dict:
     try:
         res = probe("custom", dataset_root=job.labels, embeddings=job.embeddings, grid=grid, seeds=job.seeds,
                     device="cpu", threads=threads, out=None, log=None)
-    except (UsageError, ProbeError, ConfigError) as e:
+    except (UsageError, ProbeError, EmbeddingsError, ConfigError) as e:
         return {"error": " ".join(str(e).split())[:500]}
     return _compact(res)
 

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maest_cli.embed.reading import EmbeddingSet
 from maest_cli.errors import UsageError
 from maest_cli.io.config import ConfigError, read_toml
 from maest_cli.mels.labels import SPLITS
-from maest_cli.probing.data import Annotations, EmbeddingSet, Join
+from maest_cli.probing.data import Annotations, Join
 from maest_cli.probing.metrics import evaluable, fast_macro_roc_auc
 
 EVAL_CHUNK = 16384  # rows per forward when scoring a whole split

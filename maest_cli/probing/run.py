@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from maest_cli.embed.extraction import extract
+from maest_cli.embed.reading import EmbeddingSet, describe_embeddings, open_embeddings
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import atomic_path, sha256_file, tool_versions, write_json
@@ -34,13 +35,10 @@ from maest_cli.models.precision import resolve_device
 from maest_cli.probing.data import (
     MTG_TASKS,
     Annotations,
-    EmbeddingSet,
     Join,
     ProbeError,
-    describe_embeddings,
     join_tracks,
     load_annotations,
-    open_embeddings,
 )
 from maest_cli.probing.fit import (
     ProbeConfig,
