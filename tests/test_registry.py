@@ -15,13 +15,12 @@ from typer.testing import CliRunner
 import maest_cli.models.registry as registry
 from maest_cli.cli.app import app
 from maest_cli.errors import UsageError
+from maest_cli.io.download import DownloadError, download_file
 from maest_cli.models.checkpoints import hf_config_dict, maest_to_hf
 from maest_cli.models.maest import MAEST, MaestConfig
 from maest_cli.models.registry import (
-    DownloadError,
     ModelNotFound,
     WeightsMismatch,
-    download_file,
     fetch_model,
     load_model,
     load_registry,

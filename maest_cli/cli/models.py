@@ -21,7 +21,8 @@ def list_command(
     """The registry of official models and whether each is in the cache."""
     from maest_cli.cli.output import stdout_console
     from maest_cli.cli.tables import print_models
-    from maest_cli.models.registry import cache_dir, cached_weights, load_registry
+    from maest_cli.io.download import cache_dir
+    from maest_cli.models.registry import cached_weights, load_registry
 
     reg = load_registry()
     rows = [{"name": m.name, "aliases": list(m.aliases), "variant": m.variant, "labels": m.labels,

@@ -26,9 +26,9 @@ import torch
 
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import atomic_path, sha256_file, write_atomic
+from maest_cli.io.download import cache_dir
 from maest_cli.models.graph import EmbeddingGraph
 from maest_cli.models.precision import QUANTISED, autocast, cpu_flags, for_inference
-from maest_cli.models.registry import cache_dir
 
 ENGINES = ("auto", "torch", "openvino")
 CACHE_FORMAT = 1  # bump when what the cache holds changes

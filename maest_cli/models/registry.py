@@ -13,32 +13,23 @@ never touches the network.
 from __future__ import annotations
 
 import difflib
-import http.client
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from maest_cli.errors import MaestError, UsageError, exit_code_of
-from maest_cli.io.artefacts import sha256_file, write_json
+from maest_cli.io.artefacts import write_json
 from maest_cli.io.config import ConfigError, read_labels, read_toml
+from maest_cli.io.download import DownloadError, cache_dir, download_file, download_with_digest, offline
 from maest_cli.models.checkpoints import PAPER_BLOCK, build_model, load_checkpoint
 from maest_cli.models.maest import count_parameters
-
-USER_AGENT = "maest-cli (+https://github.com/palonso/MAEST)"
 
 
 class ModelNotFound(UsageError):
     """A model name or file that cannot be resolved to weights; the message says what to do."""
-
-
-class DownloadError(MaestError):
-    """One source failed (HTTP error, interrupted, or a file that does not match its pin);
-    fetch_model then tries the next source."""
 
 
 class WeightsMismatch(MaestError):
@@ -145,18 +136,6 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
     return reg
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("MAEST_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "maest-cli"
-
-
-def offline() -> bool:
-    return os.environ.get("MAEST_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
 def bundled_dir() -> Path:
     """Weights that ship inside the package (maest_cli/weights/)."""
     return Path(str(resources.files("maest_cli"))) / "weights"
@@ -178,118 +157,6 @@ def cached_weights(entry: ModelEntry, cache: Path | None = None) -> Path | None:
 
 
 # ---------------------------------------------------------------- downloading
-
-def download_file(url: str, dest: Path, sha256: str | None = None, size: int | None = None,
-                  progress: bool = True, timeout: float = 60.0) -> Path:
-    """Fetch url to dest: resume from dest.part, verify, then rename into place.
-
-    A truncated transfer leaves dest.part to resume from; a file that fails verification
-    is deleted, so a bad download never sits at dest.
-    """
-    return _download(url, Path(dest), sha256, size, progress, timeout)[0]
-
-
-def _download(url: str, dest: Path, sha256: str | None, size: int | None, progress: bool,
-              timeout: float) -> tuple[Path, str]:
-    """download_file, also returning the sha256 (computed once: it verifies or gets recorded)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:  # cannot be the start of the pinned file
-        part.unlink()
-        have = 0
-
-    def restart() -> tuple[Path, str]:
-        """The .part cannot be resumed: delete it and fetch the whole file (once: no .part left)."""
-        part.unlink(missing_ok=True)
-        return _download(url, dest, sha256, size, progress, timeout)
-
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not have:
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        # Range not satisfiable: the .part is already whole (verified below), unless the server
-        # says the file is shorter than it ("Content-Range: bytes */N").
-        total = _range_total(e.headers.get("Content-Range"))
-        if total is not None and total != have:
-            return restart()
-        resp = None
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from None
-
-    if resp is not None:
-        with resp:
-            if have and getattr(resp, "status", 200) != 206:
-                have = 0  # the server ignored the range and sends the whole file: start over
-            elif have and _range_start(resp.headers.get("Content-Range")) not in (None, have):
-                return restart()  # a range other than the one asked for
-            length = resp.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            if size is not None and total is not None and total != size:
-                if have:
-                    return restart()  # the .part may be of another file
-                raise DownloadError(f"{dest.name}: expected {size} bytes, the server at {url} offers {total}")
-            _stream(resp, part, have, total if total is not None else size, url, progress)
-        if total is not None and part.stat().st_size != total:
-            raise DownloadError(f"{url}: transfer interrupted at {part.stat().st_size} bytes; run again to resume")
-    got = part.stat().st_size
-    if size is not None and got != size:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"{dest.name}: expected {size} bytes, got {got}; the download from {url} was deleted")
-    digest = sha256_file(part)
-    if sha256 and digest != sha256.lower():
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"{dest.name}: expected sha256 {sha256.lower()}, got {digest}; the download from "
-                            f"{url} was deleted")
-    os.replace(part, dest)
-    return dest, digest
-
-
-def _range_total(header: str | None) -> int | None:
-    """N of "bytes */N" or "bytes a-b/N" (None when absent or "*")."""
-    tail = (header or "").rpartition("/")[2].strip()
-    return int(tail) if tail.isdigit() else None
-
-
-def _range_start(header: str | None) -> int | None:
-    """a of "bytes a-b/N" (None when absent)."""
-    head = (header or "").partition("/")[0].replace("bytes", "").strip().partition("-")[0]
-    return int(head) if head.isdigit() else None
-
-
-def _stream(resp, part: Path, have: int, total: int | None, url: str, progress: bool) -> None:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    mode = "ab" if have else "wb"
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    progress_console = Console(stderr=True)  # stdout carries the results (`maest models download` prints paths)
-    with open(part, mode) as out, Progress(*columns, disable=not progress, transient=True,
-                                           console=progress_console) as bar:
-        task = bar.add_task(url.rsplit("/", 1)[-1], total=total, completed=have)
-        try:
-            while chunk := resp.read(1 << 16):
-                out.write(chunk)
-                bar.update(task, advance=len(chunk))
-        except (OSError, ValueError, http.client.HTTPException) as e:  # reset, IncompleteRead
-            out.flush()
-            os.fsync(out.fileno())
-            raise DownloadError(f"{url}: transfer interrupted ({e}); run again to resume") from None
-        out.flush()
-        os.fsync(out.fileno())
-
 
 def fetch_model(entry: ModelEntry, cache: Path | None = None, progress: bool = True) -> Path:
     """Download a model's weights into the cache (first source that works); return their path."""
@@ -328,13 +195,13 @@ def _fetch_source(src: Source, d: Path, progress: bool) -> tuple[Path, RemoteFil
     weights_file, *rest = src.files
     try:
         remote = weights_file
-        weights, digest = _download(weights_file.url, d / weights_file.filename, weights_file.sha256,
+        weights, digest = download_with_digest(weights_file.url, d / weights_file.filename, weights_file.sha256,
                                     weights_file.size, progress, 60.0)
     except DownloadError as first:
         for alt in src.alternatives:
             try:
                 remote = alt
-                weights, digest = _download(alt.url, d / alt.filename, alt.sha256, alt.size, progress, 60.0)
+                weights, digest = download_with_digest(alt.url, d / alt.filename, alt.sha256, alt.size, progress, 60.0)
                 break
             except DownloadError:
                 continue
