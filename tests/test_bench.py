@@ -185,6 +185,19 @@ def test_bench_end_to_end_on_a_tiny_model(tiny, songs, tmp_path):
     width, height = struct.unpack(">II", png[16:24])
     assert width > height  # two panels side by side: fidelity and probe mAP
 
+def test_bench_end_to_end_runs_on_each_engine(tiny, songs):
+    r = run_bench(InferenceSpec(model=tiny, block=2, device="cpu"), presets="none,fast-int8",
+                  engines="torch,openvino", audio=songs, workers=0, repeats=1, warmup=0, threads=1, baseline="none")
+    rows = {(x["name"], x["engine"]): x for x in r["results"]}
+    assert set(rows) == {("none", "torch"), ("none", "openvino"), ("fast-int8", "torch")}
+    assert r["end_to_end"]["engines"] == ["torch", "openvino"]  # int8 presets run on torch, in its pass
+    for x in rows.values():
+        assert x["e2e_audio_min_per_s"] > 0 and x["n_files_failed"] == 0
+    # `none` is the fidelity reference of its own engine (fp32), so its cosine is 1 on both
+    assert rows["none", "openvino"]["cosine_min"] > 0.99999 and rows["none", "torch"]["cosine_min"] > 0.99999
+    assert rows["fast-int8", "torch"]["cosine_mean"] < 1.0
+
+
 
 def test_bench_cli_json_model_only(tiny, tmp_path):
     r = CliRunner().invoke(app, ["bench", "--model", tiny, "--block", "2", "--presets", "none,fast", "--baseline",

@@ -386,6 +386,7 @@ def test_pipeline_end_to_end_writes_the_tables_and_plots(pipeline):
     assert presets["fast"]["tokens"] < presets["none"]["tokens"]
     for r in [*presets.values(), saved["presets"]["effnet"]]:
         assert r["audio_min_per_s"] > 0 and set(r["tasks"]) == {"low", "bands"}
+        assert r["engine"] == "openvino"  # auto on a CPU; EfficientNet-B0 runs through the same engine
         assert all(t["seeds"] == 2 for t in r["tasks"].values())
     base = saved["baselines"]["rows"]
     assert [r["task"] for r in base] == ["low", "bands"]

@@ -37,7 +37,7 @@ from maest_cli.audio.decoders import DecoderPool, InlineDecoder, start_early
 from maest_cli.audio.frontend import HOP_SIZE, SAMPLE_RATE
 from maest_cli.audio.walk import find_audio_files
 from maest_cli.bench.fidelity import evaluate_presets, random_weights_model
-from maest_cli.embed.spec import InferenceSpec, choose_device
+from maest_cli.embed.spec import InferenceSpec, Resolved, choose_device
 from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import write_png
 from maest_cli.models.checkpoints import PAPER_BLOCK
@@ -188,36 +188,66 @@ def matmul_probe(dtype: str, device: torch.device, n: int | None = None) -> Cont
 
 
 def maest_contender(name: str, model: torch.nn.Module, cfg: MaestConfig, frames: int, block: int | None,
-                    patchout: Patchout | None, dtype: str, device: torch.device) -> Contender:
-    """One segment through MAEST at `dtype` (int8: `model` is the quantised copy)."""
+                    patchout: Patchout | None, dtype: str, device: torch.device, engine: str = "torch",
+                    threads: int | None = None) -> Contender:
+    """One segment through MAEST at `dtype` on `engine` (int8: `model` is the quantised copy; openvino:
+    the EmbeddingGraph to `block`, None meaning every block and the logits, converted and compiled
+    once, untimed)."""
     x = torch.randn(1, frames, cfg.n_mels, device=device)
-    blocks = [] if block is None else [block]
     po = None if patchout is None or patchout.is_identity else patchout
+    if engine == "openvino":
+        graph = EmbeddingGraph(model, block if block is not None else cfg.depth, patchout=po, scores=block is None)
+        run, xn = make_engine("openvino", graph, device, dtype, threads or torch.get_num_threads()), x.cpu().numpy()
 
-    def call() -> object:
-        with torch.inference_mode(), autocast(device, dtype):
-            return model(x, blocks=blocks, logits=block is None, patchout=po)
+        def call() -> object:
+            return run(xn)
+    else:
+        blocks = [] if block is None else [block]
+
+        def call() -> object:
+            with torch.inference_mode(), autocast(device, dtype):
+                return model(x, blocks=blocks, logits=block is None, patchout=po)
 
     return Contender(name, "maest", dtype, call, audio_s=(frames - 1) * HOP_SIZE / SAMPLE_RATE,
                      gflop=maest_gflop(cfg, frames, block, po),
-                     info={"time_keep_every": (po or Patchout()).time_keep_every,
+                     info={"engine": engine, "time_keep_every": (po or Patchout()).time_keep_every,
                            "drop_freq_rows": list((po or Patchout()).drop_freq_rows),
                            "tokens": n_tokens(cfg, frames, po)})
 
 
-def maest_engine_contender(name: str, model: MAEST, cfg: MaestConfig, frames: int, block: int | None,
-                           patchout: Patchout | None, dtype: str, device: torch.device, threads: int) -> Contender:
-    """maest_contender's segment through the OpenVINO engine (models.engines): the EmbeddingGraph
-    to `block` (None: every block and the logits), converted and compiled once, untimed."""
-    po = None if patchout is None or patchout.is_identity else patchout
-    graph = EmbeddingGraph(model, block if block is not None else cfg.depth, patchout=po, scores=block is None)
-    engine = make_engine("openvino", graph, device, dtype, threads)
-    x = torch.randn(1, frames, cfg.n_mels).numpy()
-    return Contender(name, "maest", dtype, lambda: engine(x), audio_s=(frames - 1) * HOP_SIZE / SAMPLE_RATE,
-                     gflop=maest_gflop(cfg, frames, block, po),
-                     info={"engine": "openvino", "time_keep_every": (po or Patchout()).time_keep_every,
-                           "drop_freq_rows": list((po or Patchout()).drop_freq_rows),
-                           "tokens": n_tokens(cfg, frames, po)})
+def preset_contenders(plan: Sequence[Resolved], model: torch.nn.Module, cfg: MaestConfig, frames: int,
+                      block: int | None, engines: Sequence[str], say: Callable[[str], None]) -> list[Contender]:
+    """One contender per preset of `plan` and engine (int8 presets are torch's dynamic int8, whatever
+    the engine asked: they are timed once, on torch)."""
+    quantised = for_inference(model, "int8") if any(r.dtype == "int8" for r in plan) else None
+    contenders, timed = [], set()
+    for r in plan:
+        for requested in engines:
+            engine = "torch" if r.dtype in QUANTISED else choose_engine(requested, r.device, r.dtype).engine
+            if (r.preset.name, engine) in timed:
+                continue
+            timed.add((r.preset.name, engine))
+            if engine == "openvino":
+                say(f"converting {r.preset.name} for OpenVINO ...")
+            contenders.append(maest_contender(r.preset.name, quantised if r.dtype == "int8" else model, cfg, frames,
+                                              block, r.preset.patchout, r.dtype, r.device, engine))
+    return contenders
+
+
+def baseline_contenders(frames: int, dtype: str, device: torch.device, engines: Sequence[str],
+                        compile_model: bool, say: Callable[[str], None], model=None) -> list[Contender]:
+    """EfficientNet-B0 through each engine that MAEST runs on (a fair baseline)."""
+    out = []
+    for engine in dict.fromkeys(choose_engine(e, device, dtype).engine for e in engines):
+        if engine == "openvino":
+            out.append(effnet_engine_contender(frames, dtype, torch.get_num_threads(), model=model))
+            continue
+        if compile_model:
+            say("compiling the baseline (torch.compile, inductor): tens of seconds ...")
+        c = effnet_contender(frames, dtype, device, compile_model=compile_model, model=model)
+        c.info = {"engine": "torch", **c.info}
+        out.append(c)
+    return out
 
 
 def effnet_engine_contender(frames: int, dtype: str, threads: int, name: str = "effnet-b0", model=None) -> Contender:
@@ -473,39 +503,11 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
             say(f"maest bench: {base_precision.note}")
         base_dtype = base_precision.dtype
         block = None if full_model else plan[0].block
-        used = {r.dtype for r in plan}
 
         # -- contenders, timed side by side
-        quantised = for_inference(net, "int8") if "int8" in used else None
-        n_threads = torch.get_num_threads()
-        contenders, timed = [], set()
-        for r in plan:
-            for requested in engine_names:
-                # int8 presets are torch's dynamic int8 whatever the engine asked
-                eng = "torch" if r.dtype in QUANTISED else choose_engine(requested, dev, r.dtype).engine
-                if (r.preset.name, eng) in timed:
-                    continue
-                timed.add((r.preset.name, eng))
-                if eng == "openvino":
-                    say(f"converting {r.preset.name} for OpenVINO ...")
-                    contenders.append(maest_engine_contender(r.preset.name, net, cfg, frames, block,
-                                                             r.preset.patchout, r.dtype, dev, n_threads))
-                else:
-                    c = maest_contender(r.preset.name, quantised if r.dtype == "int8" else net, cfg, frames, block,
-                                        r.preset.patchout, r.dtype, dev)
-                    c.info = {"engine": "torch", **c.info}
-                    contenders.append(c)
+        contenders = preset_contenders(plan, net, cfg, frames, block, engine_names, say)
         if baseline != "none":
-            base_engines = list(dict.fromkeys(choose_engine(e, dev, base_dtype).engine for e in engine_names))
-            for eng in base_engines:
-                if eng == "openvino":
-                    contenders.append(effnet_engine_contender(frames, base_dtype, n_threads))
-                    continue
-                if compile_baseline:
-                    say("compiling the baseline (torch.compile, inductor): tens of seconds ...")
-                c = effnet_contender(frames, base_dtype, dev, compile_model=compile_baseline)
-                c.info = {"engine": "torch", **c.info}
-                contenders.append(c)
+            contenders += baseline_contenders(frames, base_dtype, dev, engine_names, compile_baseline, say)
         gemms = {dt: matmul_probe(dt, dev) for dt in sorted({c.dtype for c in contenders})}
         contenders += gemms.values()
         load_before = os.getloadavg()
@@ -531,19 +533,26 @@ def run_bench(spec: InferenceSpec | None = None, *, presets: str | list[str] | N
         e2e = None
         if audio_paths:
 
-            say(f"end to end: {len(audio_paths)} files from {audio}, {workers} decoder workers, hop {spec.hop} ...")
-            ev = evaluate_presets(audio, spec.replace(model=model, block=block or cfg.depth, device=str(dev)),
-                                  [r.preset.name for r in plan], workers=workers,
-                                  work_dir=Path(work.name) / "extract", timing=False, progress=False,
-                                  threads=[threads])
-            by_name = {r["preset"]: r for r in ev["results"]}
+            presets_of: dict[str, list[str]] = {}  # engine -> its presets (int8 rows are torch's)
             for r in rows:
-                e = by_name.get(r["name"])
-                if e:
-                    r.update(e2e_dtype=e["dtype"], e2e_audio_min_per_s=e["e2e_audio_min_per_s"],
-                             cosine_mean=e["cosine_mean"], cosine_min=e["cosine_min"], n_files_failed=e["n_failed"])
+                presets_of.setdefault(r["engine"], []).append(r["name"])
+            e2e_engines = list(presets_of)
+            say(f"end to end: {len(audio_paths)} files from {audio}, {workers} decoder workers, hop {spec.hop}, "
+                f"engines {', '.join(e2e_engines)} ...")
+            for eng, names in presets_of.items():
+                ev = evaluate_presets(audio, spec.replace(model=model, block=block or cfg.depth, device=str(dev),
+                                                          engine=eng),
+                                      names, workers=workers, work_dir=Path(work.name) / f"extract-{eng}",
+                                      timing=False, progress=False, threads=[threads])
+                by_name = {r["preset"]: r for r in ev["results"]}
+                for r in rows:
+                    e = by_name.get(r["name"]) if r["engine"] == eng else None
+                    if e:
+                        r.update(e2e_dtype=e["dtype"], e2e_audio_min_per_s=e["e2e_audio_min_per_s"],
+                                 cosine_mean=e["cosine_mean"], cosine_min=e["cosine_min"], n_files_failed=e["n_failed"])
             e2e = {"audio": str(audio), "n_files": len(audio_paths), "audio_minutes": ev["corpus_audio_minutes"],
-                   "workers": workers, "hop": spec.hop, "fidelity_reference": "preset none in fp32"}
+                   "workers": workers, "hop": spec.hop, "engines": e2e_engines,
+                   "fidelity_reference": "preset none in fp32, same engine"}
             if base:
                 b = effnet_end_to_end(audio_paths, frames, base_dtype, dev, workers)
                 base.update(e2e_audio_min_per_s=b["audio_min_per_s"], e2e_patches=b["patches"],

@@ -79,6 +79,7 @@ def findings_command(
     clips: Optional[int] = typer.Option(None, help="Clips of the corpus, when it has to be built."),
     corpus_workers: int = typer.Option(2, help="Render processes, when the corpus has to be built."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    engine: str = typer.Option("auto", help="Engine of the preset timing: auto (OpenVINO on CPU), torch or openvino."),
 ) -> None:
     """Reproduce the paper's findings on the demo corpus: best blocks, presets vs EfficientNet-B0, training helps."""
     from maest_cli.demo.findings import FindingsOptions, run_findings
@@ -87,7 +88,7 @@ def findings_command(
                            presets=names(presets), preset_block=preset_block,
                            effnet=str(effnet) if effnet else None, effnet_epochs=effnet_epochs,
                            mels=str(mels) if mels else None, corpus_clips=clips, corpus_workers=corpus_workers,
-                           batch_size=batch_size, device=device, jobs=jobs, repeats=repeats)
+                           batch_size=batch_size, device=device, engine=engine, jobs=jobs, repeats=repeats)
     f = run_findings(corpus, out, work=work, options=opts)
     for line in f["observations"]:
         note(f"- {line}")

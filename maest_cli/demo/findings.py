@@ -64,7 +64,6 @@ from maest_cli.models.checkpoints import save_checkpoint
 from maest_cli.models.maest import MAEST
 from maest_cli.models.precision import (
     choose_dtype,
-    for_inference,
     machine_info,
 )
 from maest_cli.models.presets import load_presets
@@ -103,6 +102,7 @@ class FindingsOptions:
     hop: str = "half"
     batch_size: int = 8  # segments per forward
     device: str = "cpu"
+    engine: str = "auto"  # of the preset timing (the embeddings of the sweeps run on torch: one forward, every block)
     jobs: int = 2  # probe processes (each one thread)
     repeats: int = 5  # bench rounds
     warmup: int = 1
@@ -110,7 +110,7 @@ class FindingsOptions:
 
     def spec(self, preset: str = "none") -> InferenceSpec:
         """What the embeddings of `preset` are made with (blocks and tokens: each sweep's own)."""
-        return InferenceSpec(model=self.model, preset=preset, hop=self.hop, device=self.device)
+        return InferenceSpec(model=self.model, preset=preset, hop=self.hop, device=self.device, engine=self.engine)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -417,8 +417,8 @@ def _num(v) -> bool:
 def bench_models(lm, eff, spec: InferenceSpec, preset_names: Sequence[str], repeats: int, warmup: int,
                  log: Log, compile_baseline: bool = True) -> dict:
     """Model-only audio-min/s of every preset (MAEST to `block`) and of the trained EfficientNet-B0
-    on the same segment, timed side by side by maest_cli.bench.throughput's machinery. Each preset
-    runs at the dtype the one precision rule gives it (models.precision.choose_dtype)."""
+    on the same segment and engine, timed side by side by maest_cli.bench.throughput's machinery.
+    Each preset runs at the dtype the one precision rule gives it (models.precision.choose_dtype)."""
     import torch
 
     net, cfg = lm.model.eval(), lm.config
@@ -427,13 +427,13 @@ def bench_models(lm, eff, spec: InferenceSpec, preset_names: Sequence[str], repe
     dev, block = plan[0].device, plan[0].block
     for note in dict.fromkeys(r.dtype_note for r in plan if r.dtype_note):
         log(f"findings: {note}")
-    quantised = for_inference(net, "int8") if any(r.dtype == "int8" for r in plan) else None
-    contenders = [bench.maest_contender(r.preset.name, quantised if r.dtype == "int8" else net, cfg, frames, block,
-                                        r.preset.patchout, r.dtype, dev) for r in plan]
+    say = log if log is not None else (lambda _: None)
+    contenders = bench.preset_contenders(plan, net, cfg, frames, block, [spec.engine], say)
     # The baseline gets every trick MAEST gets and those of `maest bench`: the dtype `auto` gives
-    # here (bf16 on CPUs with native bf16), BatchNorm folded, channels_last, torch.compile.
-    effnet = bench.effnet_contender(frames, choose_dtype(spec.dtype, dev).dtype, dev, model=eff.model,
-                                    compile_model=compile_baseline)
+    # here (bf16 on CPUs with native bf16), BatchNorm folded, channels_last, torch.compile, and the
+    # same engine.
+    (effnet,) = bench.baseline_contenders(frames, choose_dtype(spec.dtype, dev).dtype, dev, [spec.engine],
+                                          compile_baseline, say, model=eff.model)
     effnet.info["weights"] = eff.path
     contenders.append(effnet)
     load_before = os.getloadavg()[0]
@@ -467,6 +467,7 @@ def run_findings(corpus: str | os.PathLike, out: str | os.PathLike, *, work: str
     work = Path(work) if work else out / "work"
     if opts.seeds < 1 or opts.sweep_seeds < 1 or opts.jobs < 1 or opts.batch_size < 1 or opts.repeats < 1:
         raise UsageError("seeds, sweep seeds, jobs, batch size and repeats must be >= 1")
+    opts.spec()  # the inference options (engine, hop, device), checked before any work
     table = load_presets()
     preset_names = list(opts.presets) if opts.presets else list(table)
     unknown = [p for p in preset_names if p not in table]

@@ -90,7 +90,8 @@ def assemble(*, manifest, corpus, tasks, task_files, opts, lm, rnd, eff, effnet_
     for p in preset_names:
         scores = {t: head[(f"preset:{p}", t)] for t in tasks}
         b = bench_rows.get(p, {})
-        preset_rows.append({"model": lm.name, "preset": p, "dtype": b.get("dtype"), "tokens": b.get("tokens"),
+        preset_rows.append({"model": lm.name, "preset": p, "engine": b.get("engine"), "dtype": b.get("dtype"),
+                            "tokens": b.get("tokens"),
                             "audio_min_per_s": b.get("audio_min_per_s"),
                             "audio_min_per_s_range": [b.get("audio_min_per_s_min"), b.get("audio_min_per_s_max")],
                             "ratio_to_effnet": b.get("ratio_to_effnet"),
@@ -99,7 +100,8 @@ def assemble(*, manifest, corpus, tasks, task_files, opts, lm, rnd, eff, effnet_
                             "mean_roc_auc": _mean([s["test_roc_auc"] for s in scores.values()])})
     e = bench_rows.get("effnet-b0", {})
     e_scores = {t: head[("effnet", t)] for t in tasks}
-    effnet_row = {"model": "EfficientNet-B0", "preset": "-", "dtype": e.get("dtype"), "tokens": None,
+    effnet_row = {"model": "EfficientNet-B0", "preset": "-", "engine": e.get("engine"), "dtype": e.get("dtype"),
+                  "tokens": None,
                   "patches": e.get("patches"), "audio_min_per_s": e.get("audio_min_per_s"),
                   "audio_min_per_s_range": [e.get("audio_min_per_s_min"), e.get("audio_min_per_s_max")],
                   "ratio_to_effnet": 1.0, "gflop_per_audio_min": e.get("gflop_per_audio_min"), "tasks": e_scores,
@@ -258,10 +260,11 @@ def markdown(f: dict) -> str:
 
     lines += ["", f"### 2. Inference patchout: throughput vs mAP (block {p['block']}, "
                   f"{f['protocol']['seeds']} seeds)", ""]
-    hdr = ["model", "preset", "dtype", "tokens", "audio-min/s", "vs EffNet", *tasks, "mean mAP", "mean ROC-AUC"]
+    hdr = ["model", "preset", "engine", "dtype", "tokens", "audio-min/s", "vs EffNet", *tasks, "mean mAP",
+           "mean ROC-AUC"]
     rows = []
     for r in [*p["rows"], p["effnet"]]:
-        rows.append([r["model"], r["preset"], str(r.get("dtype") or "-"),
+        rows.append([r["model"], r["preset"], str(r.get("engine") or "-"), str(r.get("dtype") or "-"),
                      str(r.get("tokens") or (f"{r.get('patches')} patches" if r.get("patches") else "-")),
                      f"{r['audio_min_per_s']:.2f}" if _num(r.get("audio_min_per_s")) else "n/a",
                      f"{r['ratio_to_effnet']:.2f}x" if _num(r.get("ratio_to_effnet")) else "n/a",
