@@ -42,6 +42,18 @@ _LAZY = {
     "build_corpus": ("demo.corpus", "build_corpus"),
     "run_findings": ("demo.findings", "run_findings"),
     "export_model": ("embed.export", "export_model"),
+    # datasets: fetch, verify, find
+    "download_dataset": ("datasets.fetch", "download_dataset"),
+    "dataset_info": ("datasets.fetch", "dataset_info"),
+    "list_datasets": ("datasets.fetch", "list_datasets"),
+    "locate_dataset": ("datasets.layout", "locate"),
+    "DatasetMissing": ("datasets.layout", "DatasetMissing"),
+    "tag": ("catalogue.tags", "tag"),
+    "TagTable": ("catalogue.tags", "TagTable"),
+    "similar": ("catalogue.similarity", "similar"),
+    "find_duplicates": ("catalogue.similarity", "find_duplicates"),
+    "build_index": ("catalogue.similarity", "build_index"),
+    "SimilarTable": ("catalogue.similarity", "SimilarTable"),
 }
 
 

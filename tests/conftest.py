@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
+import io
+import socket
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -70,3 +80,215 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- a loopback HTTP server
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Any connection or name lookup other than 127.0.0.1 fails the test instead of leaving the machine."""
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] != "127.0.0.1":
+            raise AssertionError(f"a test tried to reach {address}")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kw):
+        if host != "127.0.0.1":
+            raise AssertionError(f"a test tried to look up {host}")
+        return real_getaddrinfo(host, *args, **kw)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+
+class Server:
+    """Serves `files` on 127.0.0.1 with Range support. `cut_after` drops the connection
+    mid-transfer once; `ignore_range` answers 200 with the whole body to a Range request;
+    `range_total` sends "Content-Range: bytes */N" with a 416; `fail[path]` is a list of HTTP
+    statuses answered one per request (0: serve this one) before the file is served as usual; a path in `corrupt_once` is
+    served once with one byte flipped. Stops itself after 120 s."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.cut_after: int | None = None
+        self.ignore_range = False
+        self.range_total = True
+        self.fail: dict[str, list[int]] = {}
+        self.corrupt_once: set[str] = set()
+        self.requests: list[tuple[str, str | None]] = []
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                rng = None if srv.ignore_range else self.headers.get("Range")
+                srv.requests.append((self.path, self.headers.get("Range")))
+                status = srv.fail[self.path].pop(0) if srv.fail.get(self.path) else 0
+                if status:
+                    self.send_error(status)
+                    return
+                body = srv.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                if self.path in srv.corrupt_once:
+                    srv.corrupt_once.discard(self.path)
+                    mid = len(body) // 2
+                    body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1:]
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                if start >= len(body):
+                    self.send_response(416)
+                    if srv.range_total:
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                chunk = body[start:]
+                if srv.cut_after is not None:
+                    chunk, srv.cut_after = chunk[: srv.cut_after], None
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.watchdog = threading.Timer(120, self.httpd.shutdown)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def stop(self):
+        self.watchdog.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+# ---------------------------------------------------------------- dataset mirrors (maest datasets download)
+
+PROBE_FIXTURES = Path(__file__).parent / "fixtures" / "probe"
+
+
+@functools.cache
+def clip_mp3(seconds: float, sr: int, seed: int) -> bytes:
+    """A generated mono mp3 clip (made once per process: mirrors are built by many tests)."""
+    buf = io.BytesIO()
+    sf.write(buf, tone_mix(seconds, sr, seed, channels=1), sr, format="MP3", subtype="MPEG_LAYER_III")
+    return buf.getvalue()
+
+
+def mtt_mirror_files(seconds: float = 1.0, empty: tuple[str, ...] = (),
+                     extra_members: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """MagnaTagATune as its site serves it, at small size: {URL path: bytes} for
+    /mtt/annotations_final.csv (tests/fixtures/probe/mtt's 33 clips: real columns, folders 0-f)
+    and /mtt/mp3.zip.001-003 (one zip of 16 kHz mono mp3s at each mp3_path, cut in three).
+    `empty`: mp3_paths stored as zero-byte files (as MTT ships three); `extra_members`: more zip members."""
+    ann = (PROBE_FIXTURES / "mtt" / "annotations_final.csv").read_bytes()
+    paths = [line.split("\t")[-1].strip('"') for line in ann.decode().splitlines()[1:] if line.strip()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, p in enumerate(paths):
+            if p in empty:
+                zf.writestr(p, b"")
+                continue
+            zf.writestr(p, clip_mp3(seconds, 16000, i))
+        for name, data in (extra_members or {}).items():
+            zf.writestr(name, data)
+    blob = buf.getvalue()
+    a, b = len(blob) // 3, 2 * len(blob) // 3
+    return {"/mtt/annotations_final.csv": ann, "/mtt/mp3.zip.001": blob[:a], "/mtt/mp3.zip.002": blob[a:b],
+            "/mtt/mp3.zip.003": blob[b:]}
+
+
+def mtg_mirror_files(seconds: float = 1.0, quality: str = "low",
+                     extra_members: dict[str, dict[str, bytes]] | None = None) -> dict[str, bytes]:
+    """MTG-Jamendo as its repository (at the pinned commit) and its CDN serve it, at small size:
+    every metadata file `maest datasets download` fetches under /mtg-jamendo/metadata/ (the split
+    files of tests/fixtures/probe/mtg-jamendo where they exist, header-only files elsewhere), and
+    the 100 tars /mtg-jamendo/audio-low/raw_30s_audio-low-NN.tar, each holding NN/ and the
+    NN/ID.low.mp3 of the 29 tracks those split files name (one each in 14, 17, ..., 98; the
+    other tars hold only their folder), with both sha256 lists.
+    `extra_members`: {NN: {member name: bytes}} added to tar NN, and not listed."""
+    from maest_cli.datasets.fetch import sources
+
+    cfg = sources()["mtg-jamendo"]
+    q = cfg["quality"][quality]
+    header = b"TRACK_ID\tARTIST_ID\tALBUM_ID\tPATH\tDURATION\tTAGS\r\n"
+    meta: dict[str, bytes] = {}
+    splits = [f"data/splits/split-{k}/{s}-{part}.tsv" for k in range(cfg["splits"]) for s in cfg["subsets"]
+              for part in ("train", "validation", "test")]
+    for rel in [*cfg["metadata"], *splits]:
+        fix = PROBE_FIXTURES / "mtg-jamendo" / rel
+        meta[rel] = fix.read_bytes() if fix.is_file() else (header if rel.endswith(".tsv") else b"licences\n")
+    tracks = sorted({line.split("\t")[3] for rel in splits if (PROBE_FIXTURES / "mtg-jamendo" / rel).is_file()
+                     for line in (PROBE_FIXTURES / "mtg-jamendo" / rel).read_text().splitlines()[1:] if line.strip()})
+    suffix = ".low.mp3" if quality == "low" else ".mp3"
+    by_folder: dict[str, dict[str, bytes]] = {}
+    for i, t in enumerate(tracks):
+        by_folder.setdefault(t.split("/")[0], {})[t.removesuffix(".mp3") + suffix] = clip_mp3(seconds, 44100, 100 + i)
+    files, tar_lines, track_lines = {}, [], []
+    for nn in (f"{k:02d}" for k in range(cfg["tars"])):  # every tar, as upstream: most hold no fixture track here
+        members = by_folder.get(nn, {})
+        for name, data in members.items():
+            track_lines.append(f"{hashlib.sha256(data).hexdigest()} {name}\n")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            d = tarfile.TarInfo(nn)
+            d.type, d.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(d)
+            for name, data in {**members, **(extra_members or {}).get(nn, {})}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        name = q["tar"].format(nn=nn)
+        files[f"/mtg-jamendo/{q['type']}/{name}"] = buf.getvalue()
+        tar_lines.append(f"{hashlib.sha256(buf.getvalue()).hexdigest()} {name}\n")
+    meta[q["sha256_tars"]] = "".join(tar_lines).encode()
+    meta[q["sha256_tracks"]] = "".join(track_lines).encode()
+    files.update({f"/mtg-jamendo/metadata/{rel}": data for rel, data in meta.items()})
+    return files
+
+
+def serve_mirror(server, files, tmp_path, monkeypatch):
+    """Serve `files` (mtt_mirror_files(), mtg_mirror_files(), altered as a test needs) as the datasets'
+    mirror: MAEST_DATASETS_MIRROR, MAEST_DATA=tmp_path/data, MAEST_OFFLINE unset. Returns the server."""
+    server.files.update(files)
+    monkeypatch.setenv("MAEST_DATASETS_MIRROR", server.url)
+    monkeypatch.setenv("MAEST_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("MAEST_OFFLINE", raising=False)
+    return server
+
+
+@pytest.fixture
+def mtt_mirror(http_server, tmp_path, monkeypatch):
+    """A loopback MagnaTagATune site (mtt_mirror_files) that `maest datasets download mtt` fetches
+    from: MAEST_DATASETS_MIRROR points at it, MAEST_DATA at tmp_path/data, MAEST_OFFLINE is unset.
+    Returns the Server (its .files, .requests, .fail, .corrupt_once)."""
+    return serve_mirror(http_server, mtt_mirror_files(), tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def mtg_mirror(http_server, tmp_path, monkeypatch):
+    """A loopback MTG-Jamendo (mtg_mirror_files: metadata at the pinned commit, 100 tars, 29 of them
+    with one fixture track: 14, 17, 20, ..., 98), set up as mtt_mirror is."""
+    return serve_mirror(http_server, mtg_mirror_files(), tmp_path, monkeypatch)
+

@@ -54,7 +54,8 @@ def test_every_api_name_is_a_function_that_runs_after_every_submodule_was_import
     for info in pkgutil.walk_packages(maest_cli.__path__, "maest_cli."):
         if info.name != "maest_cli.__main__":
             importlib.import_module(info.name)
-    for name in ("extract", "prepare_mels", "train", "probe", "run_bench", "load_model"):
+    for name in ("extract", "prepare_mels", "train", "probe", "run_bench", "load_model", "tag", "similar",
+                 "find_duplicates", "build_index"):
         assert inspect.isfunction(getattr(maest_cli, name)), f"maest_cli.{name} is not a function"
 
     # 24 tracks of 1.2 s: a tone in one of two bands, the tag says which
@@ -91,6 +92,16 @@ def test_every_api_name_is_a_function_that_runs_after_every_submodule_was_import
     emb = np.stack(pads.dataset(str(tmp_path / "emb")).to_table()["embedding"].to_numpy(zero_copy_only=False))
     assert emb.shape == (24, 3 * lm.config.width) and np.isfinite(emb).all()
 
+    tags = maest_cli.tag(audio, model=str(weights), top=1, workers=0, progress=False)  # the labels it was trained on
+    assert isinstance(tags, maest_cli.TagTable) and len(tags.tracks) == 24 and not tags.failures
+    assert lm.labels and {t.labels[0].label for t in tags.tracks} <= set(lm.labels)
+
+    near = maest_cli.similar([str(audio / "t05.wav")], tmp_path / "emb", k=3)  # a track of the dataset
+    assert isinstance(near, maest_cli.SimilarTable) and near.rows()[0]["path"] == str(audio / "t05.wav")
+    assert maest_cli.build_index(tmp_path / "emb").tracks == 24
+    assert maest_cli.similar([str(audio / "t05.wav")], tmp_path / "emb", k=3).search == "usearch"
+    assert maest_cli.find_duplicates(tmp_path / "emb", threshold=1.0).pairs == []  # 24 different tracks
+
     grid = tmp_path / "grid.toml"
     grid.write_text("batch_size = [8]\nepochs = [3]\ndropout = [0.5]\nlr = [1e-3]\n[protocol]\nhidden = 16\n"
                     "warmup_epochs = 1\n")
@@ -113,3 +124,16 @@ def test_the_spec_is_checked_before_anything_is_loaded():
     spec = InferenceSpec(tokens="cls, avg", drop_freq_rows="none", block="3")
     assert spec.tokens == ("cls", "avg") and spec.drop_freq_rows == () and spec.block == 3
     assert spec.replace(preset="fast").preset == "fast" and spec.preset == "none"  # frozen: replace makes a new one
+
+
+@pytest.mark.usefixtures("loopback_only")
+def test_datasets_fetch_verify_and_find_through_the_package(mtt_mirror, tmp_path):
+    with pytest.raises(maest_cli.DatasetMissing, match="run `maest datasets download mtt`"):
+        maest_cli.locate_dataset("mtt")
+    s = maest_cli.download_dataset("mtt", progress=False)  # from the loopback mirror (tests/conftest.py)
+    assert s.complete and not s.failed and "Creative Commons" in s.licence
+    loc = maest_cli.locate_dataset("mtt")
+    assert loc.complete and (loc.annotations_root / "annotations_final.csv").is_file()
+    assert len(list(loc.audio_root.rglob("*.mp3"))) == loc.manifest["audio"]["members"] == 33
+    assert maest_cli.dataset_info("mtt")["state"] == "complete"
+    assert [r["state"] for r in maest_cli.list_datasets()] == ["complete", "missing"]

@@ -14,7 +14,8 @@ from maest_cli.errors import MaestError, UsageError, exit_code_of
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "maest_cli"
-API = ("extract", "prepare_mels", "train", "probe", "run_bench", "load_model", "build_corpus", "run_findings")
+API = ("extract", "prepare_mels", "train", "probe", "run_bench", "load_model", "build_corpus", "run_findings", "tag",
+       "similar", "export_model", "download_dataset", "build_index")
 
 
 def import_every_module() -> None:
@@ -51,6 +52,16 @@ def test_no_project_module_is_imported_inside_a_function_outside_the_cli():
             if (isinstance(node, ast.ImportFrom) and node.level) or any(n.startswith("maest_cli") for n in names):
                 hidden.append(f"{rel}:{node.lineno}")
     assert hidden == []
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists the packages by hand: a new subpackage missing there would be left out of
+    a non-editable install."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"maest_cli", *(f"maest_cli.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py"))}
+    assert found - listed == set()
 
 
 def test_at_most_six_modules_at_the_top_and_no_scripts():

@@ -19,7 +19,8 @@ from maest_cli.models.presets import get_preset, load_presets
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["extract", "prepare-mels", "train", "probe", "findings", "models", "bench", "corpus"]
+COMMANDS = ["extract", "prepare-mels", "train", "probe", "tag", "similar", "index", "findings", "models", "bench",
+            "corpus", "datasets"]
 
 
 # ------------------------------------------------------------------ help and layout
@@ -28,7 +29,8 @@ def test_help_does_not_import_torch():
     code = ("import sys; from maest_cli.cli.app import app; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
-            "for g in ('models', 'bench', 'corpus', 'extract', 'train', 'probe', 'findings', 'prepare-mels'):\n"
+            "for g in ('models', 'bench', 'corpus', 'extract', 'train', 'probe', 'tag', 'similar', 'index', 'findings',\n"
+            "          'prepare-mels'):\n"
             "    r = CliRunner().invoke(app, [g, '--help']); assert r.exit_code == 0, (g, r.output)\n"
             "assert 'torch' not in sys.modules, 'torch imported by a --help'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -240,6 +242,38 @@ USER_ERRORS = {
         ("missing dataset, 2 processes", "train --data {missing} --out {out} --config tiny --nproc 2", 2,
          ["--data", "{missing}"]),
     ],
+    "tag": [
+        ("missing path", "tag {missing}/a.wav --model {tiny}", 2, ["{missing}/a.wav"]),
+        ("audio is text", "tag {text} --model {tiny} --workers 0 --engine torch --out {out}", 1, ["{text}"]),
+        ("audio is text, quiet", "tag {text} --model {tiny} --workers 0 --engine torch --out {out} --quiet", 1,
+         ["{text}"]),
+        ("dataset is empty", "tag --from {dir}", 2, ["--from", "{dir}"]),
+        ("dataset is missing", "tag --from {missing}", 2, ["--from", "{missing}"]),
+        ("audio and --from", "tag {audio} --from {dir}", 2, ["--from"]),
+        ("checkpoint is text", "tag {audio} --model {text}", 2, ["{text}"]),
+        ("bad --format", "tag {audio} --format xml", 2, ["--format", "xml"]),
+        ("bad --top", "tag {audio} --model {tiny} --top 0", 2, ["--top"]),
+        ("bad --threshold", "tag {audio} --model {tiny} --threshold 2", 2, ["--threshold"]),
+        ("bad --patchout", "tag {audio} --patchout turbo", 2, ["turbo"]),
+    ],
+    "similar": [
+        ("missing dataset", "similar {audio}/clip.wav --dataset {missing}", 2, ["--dataset", "{missing}"]),
+        ("dataset is a file", "similar {audio}/clip.wav --dataset {text}", 2, ["--dataset", "{text}"]),
+        ("dataset is empty", "similar {audio}/clip.wav --dataset {dir}", 2, ["--dataset", "{dir}"]),
+        ("no query", "similar --dataset {dir}", 2, ["QUERY"]),
+        ("query with --duplicates", "similar {audio}/clip.wav --duplicates --dataset {dir}", 2, ["--duplicates"]),
+        ("bad --format", "similar {audio}/clip.wav --dataset {dir} --format xml", 2, ["--format", "xml"]),
+        ("bad -k", "similar {audio}/clip.wav --dataset {dir} -k 0", 2, ["-k"]),
+        ("bad --threshold", "similar --duplicates --dataset {dir} --threshold 2", 2, ["--threshold"]),
+    ],
+    "index build": [
+        ("missing dataset", "index build {missing}", 2, ["{missing}"]),
+        ("dataset is a file", "index build {text}", 2, ["{text}"]),
+        ("dataset is empty", "index build {dir}", 2, ["{dir}"]),
+        ("bad --normalisation", "index build {dir} --normalisation zca", 2, ["--normalisation", "zca"]),
+        ("bad --dims", "index build {dir} --normalisation whitened --dims 1", 2, ["--dims"]),
+        ("bad --connectivity", "index build {dir} --connectivity 0", 2, ["--connectivity"]),
+    ],
     "probe": [
         ("missing labels", "probe custom --dataset-root {missing}.tsv --embeddings {dir}", 2, ["{missing}.tsv"]),
         ("labels are text", "probe custom --dataset-root {text} --embeddings {dir}", 2, ["{text}"]),
@@ -247,6 +281,11 @@ USER_ERRORS = {
         ("missing results", "probe --compare {missing}.json", 2, ["{missing}.json"]),
         ("bad --tokens", "probe custom --dataset-root {text} --audio-root {dir} --tokens cls,foo", 2, ["--tokens"]),
         ("bad --grid", "probe custom --dataset-root {text} --embeddings {dir} --grid huge", 2, ["--grid", "huge"]),
+        ("dataset not downloaded", "probe mtt --data-root {missing}", 2,
+         ["maest datasets download mtt --root {missing}"]),
+        ("custom is never downloaded", "probe custom", 2, ["--dataset-root"]),
+        ("--data-root with --embeddings", "probe mtt --data-root {dir} --embeddings {dir} --dataset-root {dir}", 2,
+         ["--data-root"]),
     ],
     "bench": [
         ("missing audio", "bench --audio {missing} --model {tiny} --baseline none --presets none --repeats 1", 2,
@@ -289,6 +328,22 @@ USER_ERRORS = {
         ("grid is text", "bench probe --grid {text} --work {out}", 2, ["{text}"]),
         ("work is a file", "bench probe --work {text}", 2, ["--work", "{text}"]),
         ("bad --tracks", "bench probe --tracks 5", 2, ["--tracks"]),
+    ],
+    "datasets list": [
+        ("root is a file", "datasets list --root {text}", 2, ["--root", "{text}"]),
+        ("bad --json", "datasets list --json=yes", 2, ["--json"]),
+    ],
+    "datasets download": [  # MAEST_OFFLINE is set in tests: a download that must fetch names the fix
+        ("offline", "datasets download mtt --root {out}", 1, ["MAEST_OFFLINE", "maest datasets download mtt --root"]),
+        ("root is a file", "datasets download mtt --root {text}", 2, ["--root", "{text}"]),
+        ("bad dataset", "datasets download msd --root {out}", 2, ["msd", "mtt, mtg-jamendo"]),
+        ("bad --tars", "datasets download mtg-jamendo --tars 5-100 --root {out}", 2, ["--tars 5-100", "0-99"]),
+        ("bad --quality", "datasets download mtg-jamendo --quality best --root {out}", 2, ["--quality best"]),
+        ("--tars for mtt", "datasets download mtt --tars 0-9 --root {out}", 2, ["--tars"]),
+    ],
+    "datasets info": [
+        ("root is a file", "datasets info mtt --root {text}", 2, ["--root", "{text}"]),
+        ("bad dataset", "datasets info magna --root {dir}", 2, ["magna"]),
     ],
     "models list": [
         ("missing registry", "models list", 2, ["{missing}.toml"], {"MAEST_REGISTRY": "{missing}.toml"}),
@@ -341,6 +396,7 @@ USER_ERRORS = {
         ("effnet is text", "findings {out} --corpus {corpus} --effnet {text}", 2, ["{text}"]),
         ("bad --jobs", "findings {out} --corpus {corpus} --jobs 0", 2, ["jobs"]),
         ("bad --presets", "findings {out} --corpus {corpus} --presets turbo", 2, ["--presets", "turbo"]),
+        ("bad --engine", "findings {out} --corpus {corpus} --engine tpu", 2, ["--engine", "tpu"]),
     ],
 }
 

@@ -1,14 +1,12 @@
 """Model registry and downloads, against a loopback HTTP server (nothing leaves 127.0.0.1)."""
 
 import hashlib
-import http.server
 import json
 import shutil
-import socket
-import threading
 
 import pytest
 import torch
+from conftest import Server
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -58,90 +56,12 @@ PUBLISHED = {
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch):
-    """Any connection or name lookup other than 127.0.0.1 fails the test instead of leaving the machine."""
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        if isinstance(address, tuple) and address[0] != "127.0.0.1":
-            raise AssertionError(f"a test tried to reach {address}")
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kw):
-        if host != "127.0.0.1":
-            raise AssertionError(f"a test tried to look up {host}")
-        return real_getaddrinfo(host, *args, **kw)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-
-
-class Server:
-    """Serves `files` on 127.0.0.1 with Range support. `cut_after` drops the connection
-    mid-transfer once; `ignore_range` answers 200 with the whole body to a Range request;
-    `range_total` sends "Content-Range: bytes */N" with a 416. Stops itself after 120 s."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.cut_after: int | None = None
-        self.ignore_range = False
-        self.range_total = True
-        self.requests: list[tuple[str, str | None]] = []
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                rng = None if srv.ignore_range else self.headers.get("Range")
-                srv.requests.append((self.path, self.headers.get("Range")))
-                body = srv.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                if start >= len(body):
-                    self.send_response(416)
-                    if srv.range_total:
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                chunk = body[start:]
-                if srv.cut_after is not None:
-                    chunk, srv.cut_after = chunk[: srv.cut_after], None
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(chunk)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self.watchdog = threading.Timer(120, self.httpd.shutdown)
-        self.watchdog.daemon = True
-        self.watchdog.start()
-
-    def stop(self):
-        self.watchdog.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+pytestmark = pytest.mark.usefixtures("loopback_only")  # tests/conftest.py: nothing leaves 127.0.0.1
 
 
 @pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.stop()
+def server(http_server):
+    return http_server
 
 
 DATA = bytes(range(256)) * 4000
@@ -216,6 +136,35 @@ def test_corrupt_complete_part_is_deleted_then_fetched_whole(server, tmp_path):
 def test_http_errors(server, tmp_path):
     with pytest.raises(DownloadError, match="404"):
         download_file(server.url + "/nope", tmp_path / "x", progress=False)
+
+
+def test_busy_server_and_dropped_transfer_are_retried_with_backoff(server, tmp_path, monkeypatch):
+    import maest_cli.io.download as download
+
+    waits = []
+    monkeypatch.setattr(download.time, "sleep", waits.append)
+    server.files["/w.bin"] = DATA
+    server.fail["/w.bin"] = [503, 0]  # busy, then served but dropped at 100,000 bytes
+    server.cut_after = 100_000
+    _, digest = download.download_with_digest(server.url + "/w.bin", tmp_path / "w.bin", DATA_SHA, progress=False,
+                                              retries=2, backoff=0.5)
+    assert digest == DATA_SHA and waits == [0.5, 1.0]
+    assert server.requests == [("/w.bin", None), ("/w.bin", None), ("/w.bin", "bytes=100000-")]
+    with pytest.raises(DownloadError, match="404"):  # not worth retrying
+        download.download_with_digest(server.url + "/nope", tmp_path / "x", progress=False, retries=2)
+    assert waits == [0.5, 1.0]
+
+
+def test_free_space_is_checked_before_the_first_byte(server, tmp_path, monkeypatch):
+    import maest_cli.io.download as download
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage._replace(free=len(DATA) * 2 - 1))
+    server.files["/w.bin"] = DATA
+    with pytest.raises(download.NoSpaceError, match=r"^w.bin: needs 2.0 MB free in .*, 2.0 MB available"):
+        download.download_with_digest(server.url + "/w.bin", tmp_path / "w.bin", progress=False, unpack_ratio=1.0)
+    assert list(tmp_path.iterdir()) == []
+    download.download_with_digest(server.url + "/w.bin", tmp_path / "w.bin", progress=False, unpack_ratio=0.5)
 
 
 # ---------------------------------------------------------------- the registry's sources

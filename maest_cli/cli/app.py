@@ -16,7 +16,19 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from maest_cli.cli import bench, demo, embedding, exporting, mels, models, probing, training
+from maest_cli.cli import (
+    bench,
+    datasets,
+    demo,
+    embedding,
+    exporting,
+    mels,
+    models,
+    probing,
+    searching,
+    tagging,
+    training,
+)
 from maest_cli.cli.output import print_error
 from maest_cli.errors import exit_code_of
 
@@ -75,7 +87,11 @@ app.command("extract")(embedding.extract_command)
 app.command("prepare-mels")(mels.prepare_mels_command)
 app.command("train")(training.train_command)
 app.command("probe")(probing.probe_command)
+app.command("tag")(tagging.tag_command)
+app.command("similar")(searching.similar_command)
+app.add_typer(searching.index_app, name="index")
 app.add_typer(models.models_app, name="models")
+app.add_typer(datasets.datasets_app, name="datasets")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(demo.corpus_app, name="corpus")
 app.command("findings")(demo.findings_command)

@@ -110,21 +110,23 @@ def _embedding_array(col, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]
     return valid, flat.astype(np.float32, copy=False).reshape(-1, dim)
 
 
-def open_embeddings(directory: str | Path) -> EmbeddingSet:
-    """Index an `extract` output folder: which rows belong to which track (embeddings not read)."""
+def open_embeddings(directory: str | Path, option: str = "--embeddings") -> EmbeddingSet:
+    """Index an `extract` output folder: which rows belong to which track (embeddings not read).
+    `option`: the command-line option that named the folder, for the messages."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     d = Path(directory)
+    where = f"{option} {d}".strip()
     if not d.exists():
-        raise UsageError(f"--embeddings {d}: no such file or directory")
+        raise UsageError(f"{where}: no such file or directory")
     # the data files: *.parquet, skipping names that start with '_' or '.' (manifests, staging)
     files = [str(d)] if d.is_file() else sorted(
         str(p) for p in d.rglob("*.parquet") if not any(part.startswith(("_", ".")) for part in p.relative_to(d).parts))
     if not files:
-        raise UsageError(f"--embeddings {d}: no Parquet files (run `maest extract` first)")
+        raise UsageError(f"{where}: no Parquet files (run `maest extract` first)")
     try:
         ds = pads.dataset(files, format="parquet")
     except (pa.ArrowInvalid, OSError) as e:

@@ -115,3 +115,35 @@ def compare_table(named: list[tuple[str, dict]]) -> Table:
                   _pct(test.get("pr_auc")), delta(r, "roc_auc") if same else "(other dataset)",
                   delta(r, "pr_auc") if same else "")
     return t
+
+
+def paper_lines(results: dict) -> list[str]:
+    """For a downloaded dataset: which part of each split was probed, and the result beside
+    the paper's Table 4 row of the same model and the baseline's (or why there is no row)."""
+    lines = []
+    cov = (results.get("dataset") or {}).get("coverage")
+    if cov:
+        partial = any(v.get("downloaded") != v.get("labelled") for v in (cov.get("splits") or {}).values())
+        lines.append("coverage:" if partial else f"coverage ({cov.get('of')}):")  # a subset: said on each line
+        lines += [f"  {line}" for line in cov.get("lines", [])]
+    paper = results.get("paper")
+    if not paper:
+        return lines
+    test = results.get("test", {})
+    n = test.get("n_seeds", 0)
+    mine = f"{_pct(test.get('roc_auc'))} / {_pct(test.get('pr_auc'))}"
+    rows = [(f"this run ({results.get('model')}, {n} seed{'' if n == 1 else 's'})", mine)]
+    if paper.get("row"):
+        rows.append((f"paper: {paper['row']['label']} ({paper['model']})",
+                     f"{paper['row']['roc_auc']:.1f} / {paper['row']['map']:.1f}"))
+    rows += [(f"paper: {b['label']}", f"{b['roc_auc']:.1f} / {b['map']:.1f}") for b in paper.get("baselines", [])]
+    width = max(len(r[0]) for r in rows)
+    lines.append(f"beside the paper's Table 4 ({paper['dataset']}, test ROC-AUC / mAP, %):")
+    lines += [f"  {name:<{width}}  {score}" for name, score in rows]
+    if not paper.get("row"):
+        lines.append(f"  no published row for {results.get('model')} on {paper['dataset']}: {paper['no_row_reason']}")
+    test_cov = ((cov or {}).get("splits") or {}).get("test", {})
+    if test_cov and test_cov.get("embedded") != test_cov.get("labelled"):
+        lines.append(f"  (this run's test split is {test_cov.get('embedded')} of {test_cov.get('labelled')} tracks, "
+                     f"{cov.get('of')}; the paper's figures are on all of it)")
+    return lines

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from maest_cli.datasets.layout import locate
 from maest_cli.embed.extraction import extract
 from maest_cli.embed.reading import EmbeddingSet, describe_embeddings, open_embeddings
 from maest_cli.embed.spec import InferenceSpec
@@ -32,7 +33,9 @@ from maest_cli.errors import UsageError
 from maest_cli.io.artefacts import atomic_path, sha256_file, tool_versions, write_json
 from maest_cli.mels.labels import SPLITS
 from maest_cli.models.precision import resolve_device
+from maest_cli.models.registry import load_registry
 from maest_cli.probing.data import (
+    DATASETS,
     MTG_TASKS,
     Annotations,
     Join,
@@ -40,6 +43,7 @@ from maest_cli.probing.data import (
     join_tracks,
     load_annotations,
 )
+from maest_cli.probing.downloaded import coverage, downloaded_part, embeddings_cache, empty_audio
 from maest_cli.probing.fit import (
     ProbeConfig,
     ProbeData,
@@ -50,6 +54,7 @@ from maest_cli.probing.fit import (
     train_run,
 )
 from maest_cli.probing.metrics import MACRO_AVERAGE, evaluable, macro_scores
+from maest_cli.probing.paper import paper_model_name, paper_rows
 
 FORMAT = "maest-probe/1"
 Log = Callable[[str], None]
@@ -220,6 +225,9 @@ class ProbeInputs:
     embeddings: EmbeddingSet
     join: Join
     extract_summary: object = None
+    coverage: dict | None = None  # a downloaded dataset: which part of each split was probed
+    empty_audio: list[str] = dataclasses.field(default_factory=list)  # zero-byte files, reported, not failures
+    paper: dict | None = None  # the paper's rows for this model and dataset
 
 
 def load_inputs(dataset: str, dataset_root: str | Path, *, embeddings: str | Path | None = None,
@@ -246,6 +254,45 @@ def load_inputs(dataset: str, dataset_root: str | Path, *, embeddings: str | Pat
     return ProbeInputs(dataset, str(dataset_root), split, ann, emb, join, summary)
 
 
+def _locate(dataset: str, data_root: str | Path | None):
+    """The downloaded copy of a probe dataset (custom has none: its labels are the user's)."""
+    if dataset == "custom":
+        raise UsageError("custom: give its label file (--dataset-root) and --embeddings or --audio-root; only "
+                         f"{', '.join(d for d in DATASETS if d != 'custom')} can be downloaded")
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    return locate(dataset, data_root)
+
+
+def load_downloaded(dataset: str, data_root: str | Path | None = None, *, split: int | None = None,
+                    min_match: float = 0.5, spec: InferenceSpec | None = None, extract_options: dict | None = None,
+                    log: Log | None = None) -> ProbeInputs:
+    """DATASET as `maest datasets download` left it under DATA_ROOT (default: $MAEST_DATA, else
+    the user cache): its labels, its audio embedded into the dataset's own cache (resumed), the
+    part of each split that was downloaded, and the paper's rows for the model (module
+    probing.downloaded)."""
+    located = _locate(dataset, data_root)
+    spec = spec or InferenceSpec()
+    registry = load_registry()
+    cache = embeddings_cache(located, spec, registry)
+    ann = load_annotations(dataset, located.annotations_root, split=split)
+    split = (split or 0) if dataset in MTG_TASKS else None
+    part = downloaded_part(ann, located.audio_root)
+    if log:
+        log(f"{dataset}: {located.root} ({located.coverage}); embeddings cache {cache}")
+    summary = run_extract(located.audio_root, cache, spec, extract_options, log)
+    empty = empty_audio(cache)
+    if log and empty:
+        log(f"{len(empty)} audio files are empty (0 bytes), left out as failed files: {', '.join(empty[:3])}"
+            f"{', ...' if len(empty) > 3 else ''}")
+    emb = open_embeddings(cache)
+    join = join_tracks(part.annotations, emb, min_match=min_match)
+    model = emb.metadata.get("model") if isinstance(emb.metadata.get("model"), dict) else {}
+    paper = paper_rows(dataset, paper_model_name(spec.model, model.get("sha256"), registry))
+    return ProbeInputs(dataset, str(located.annotations_root), split, part.annotations, emb, join, summary,
+                       coverage=coverage(located, part, join, empty), empty_audio=empty, paper=paper)
+
+
 def _n_failed(summary) -> int:
     """Files `extract` could not embed (its summary object, or a dict from a stand-in)."""
     if isinstance(summary, dict):
@@ -261,29 +308,53 @@ def default_out(dataset: str, embeddings: str | Path | None, audio_root: str | P
     return Path(f"probe-{dataset}-{name or 'embeddings'}")
 
 
-def probe(dataset: str, *, dataset_root: str | Path, embeddings: str | Path | None = None,
-          audio_root: str | Path | None = None, split: int | None = None, grid: str = "quick", seeds: int = 3,
-          device: str = "auto", out: str | Path | None = None, threads: int | None = None,
-          min_match: float = 0.5, resume: bool = True, overwrite: bool = False, spec: InferenceSpec | None = None,
-          extract_options: dict | None = None, log: Log | None = None) -> dict:
+def downloaded_out(dataset: str, data_root: str | Path | None, spec: InferenceSpec) -> Path:
+    """probe-DATASET-CACHE for a downloaded dataset, CACHE the embeddings folder's name (model
+    and settings), so runs with two models never write into one folder by default."""
+    located = _locate(dataset, data_root)
+    return Path(f"probe-{dataset}-{embeddings_cache(located, spec, load_registry()).name}")
+
+
+def probe(dataset: str, *, dataset_root: str | Path | None = None, embeddings: str | Path | None = None,
+          audio_root: str | Path | None = None, data_root: str | Path | None = None, split: int | None = None,
+          grid: str | None = None, seeds: int = 3, device: str = "auto", out: str | Path | None = None,
+          threads: int | None = None, min_match: float = 0.5, resume: bool = True, overwrite: bool = False,
+          spec: InferenceSpec | None = None, extract_options: dict | None = None, log: Log | None = None) -> dict:
     """Evaluate embeddings on DATASET with the paper's MLP probe; returns the results dict
     (also written to OUT/results.json with the selected weights in OUT/probe.safetensors).
 
+    With none of `dataset_root`, `embeddings`, `audio_root`: the dataset as `maest datasets
+    download` left it under `data_root` (`load_downloaded`), embedded with `spec`, the paper's
+    grid by default, its Table 4 rows in results["paper"]. Else the labels under `dataset_root`
+    and `embeddings` (or `audio_root`, extracted first), grid "quick" by default.
+
     `split`: MTG-Jamendo's split-N (default 0; refused for the other datasets). OUT holding
     the results of other inputs is a UsageError unless `overwrite`. results["extract_failed"]
-    counts the files `--audio-root` extraction could not embed (the CLI then exits 1). `spec`: the
-    embeddings `--audio-root` extraction makes (default: InferenceSpec() on `device`); rows are
-    always pooled per track; `extract_options`: workers, batch_size, progress."""
+    counts the files extraction could not embed (the CLI then exits 1; empty files of a
+    downloaded dataset are listed in results["empty_audio"] instead). `spec`: the embeddings
+    extraction makes (default: InferenceSpec() on `device`); rows are always pooled per track;
+    `extract_options`: workers, batch_size, progress."""
     t_start = time.perf_counter()
     if seeds < 1:
         raise UsageError("--seeds must be >= 1")
     if not 0 <= min_match <= 1:
         raise UsageError("--min-match must be between 0 and 1")
+    downloaded = dataset_root is None and embeddings is None and audio_root is None
+    if not downloaded and data_root is not None:
+        raise UsageError("--data-root finds a downloaded dataset: give it alone, not with --dataset-root, "
+                         "--embeddings or --audio-root")
+    if not downloaded and dataset_root is None:
+        raise UsageError("--dataset-root is required with --embeddings or --audio-root (or give none of the "
+                         "three to probe the dataset `maest datasets download` fetched)")
     out = Path(out) if out else None
-    grid_name, protocol, configs = load_grid(grid)
-    inputs = load_inputs(dataset, dataset_root, embeddings=embeddings, audio_root=audio_root, split=split, out=out,
-                         min_match=min_match, spec=spec or InferenceSpec(device=device),
-                         extract_options=extract_options, log=log)
+    grid_name, protocol, configs = load_grid(grid or ("paper" if downloaded else "quick"))
+    spec = spec or InferenceSpec(device=device)
+    if downloaded:
+        inputs = load_downloaded(dataset, data_root, split=split, min_match=min_match, spec=spec,
+                                 extract_options=extract_options, log=log)
+    else:
+        inputs = load_inputs(dataset, dataset_root, embeddings=embeddings, audio_root=audio_root, split=split,
+                             out=out, min_match=min_match, spec=spec, extract_options=extract_options, log=log)
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)  # restored on the way out: the caller's process is not ours
@@ -387,11 +458,14 @@ def _results(inputs: ProbeInputs, data: ProbeData, notes: list[str], grid_name: 
                     "files": inputs.annotations.source, "label_files": inputs.annotations.files,
                     "n_tags": len(data.tags),
                     "tracks": {s: len(data.splits[s]) for s in SPLITS}, "join": inputs.join.report(),
+                    "coverage": inputs.coverage,
                     "notes": notes},
         "embeddings": {"dir": emb.directory, "dim": data.dim, "rows": emb.n_rows, "tracks": len(emb.paths),
                        "segment_rows_averaged": emb.segment_rows, "metadata": emb.metadata,
                        "extract": _summary_dict(inputs.extract_summary)},
-        "extract_failed": _n_failed(inputs.extract_summary),
+        "extract_failed": max(0, _n_failed(inputs.extract_summary) - len(inputs.empty_audio)),
+        "empty_audio": inputs.empty_audio,
+        "paper": inputs.paper,
         **describe_embeddings(emb.metadata),
         "protocol": {**protocol.to_dict(), "optimizer": "AdamW(lr=max_lr, weight_decay)", "loss": "binary cross-entropy",
                      "lr_schedule": "per epoch: exp warm-up exp(-5(1-e/warmup)^2) (e >= 0.5), hold_epochs at max_lr, "
