@@ -24,7 +24,7 @@ import numpy as np
 from maest_cli.audio.walk import find_audio_files
 from maest_cli.catalogue.cached import STALE_CACHE, cached_extract, split_spec_fields
 from maest_cli.embed.extraction import ExtractSummary, extract
-from maest_cli.embed.reading import EmbeddingsError, EmbeddingSet, open_embeddings
+from maest_cli.embed.reading import open_embeddings
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.embed.store import MANIFEST, PART_GLOB, read_errors, read_metadata
 from maest_cli.errors import UsageError
@@ -214,7 +214,7 @@ def _tag_dataset(directory: Path, top: int, threshold: float, found, summary: Ex
         raise UsageError(f"{directory}: the scores have no label names (model {model} has none), so they cannot "
                          "be tagged by name")
     keys = list(zip(es.roots, es.paths)) if es is not None else []
-    sums, counts = _track_scores(es, len(labels)) if es is not None else (None, None)
+    means = es.matrix(np.arange(len(keys)), column="scores", width=len(labels)) if es is not None else None
     sep, group_title, name_title = label_style(labels)
 
     failures = [TagFailure(_where(r["root"], r["path"]), r["stage"], r["reason"])
@@ -227,11 +227,11 @@ def _tag_dataset(directory: Path, top: int, threshold: float, found, summary: Ex
         wanted = [(index.get(f.key), _where(*f.key)) for f in found]
     tracks = []
     for i, where in wanted:
-        if i is None or counts[i] == 0:
+        if i is None or not np.isfinite(means[i]).all():  # no rows with scores
             if where not in failed:
                 failures.append(TagFailure(where, "tag", f"no activations in {directory}"))
             continue
-        tags, groups = top_tags(sums[i] / counts[i], labels, top, threshold, sep)
+        tags, groups = top_tags(means[i].astype(np.float64), labels, top, threshold, sep)
         tracks.append(TrackTags(where, tags, groups))
     warnings = list(summary.warnings) if summary is not None and not shown else \
         [w for w in (summary.warnings if summary else []) if STALE_CACHE in w]
@@ -247,36 +247,3 @@ def describe_model(meta: dict) -> str | None:
 
 def _where(root: str, path: str) -> str:
     return root if path == "." else os.path.join(root, path)
-
-
-def _track_scores(es: EmbeddingSet, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per track, the sum of its rows' activations [tracks, n_labels] and the number of rows
-    summed [tracks] (rows without scores are left out), read in one pass over the dataset."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    sums = np.zeros((len(es.paths), n_labels), np.float64)
-    counts = np.zeros(len(es.paths), np.int64)
-    offset = 0
-    for f in es.files:
-        pf = pq.ParquetFile(f)
-        if "scores" not in pf.schema_arrow.names:
-            raise UsageError(f"{f}: no column 'scores' (extract it with --scores)")
-        for batch in pf.iter_batches(batch_size=8192, columns=["scores"]):
-            col = batch.column(0)
-            n = len(col)
-            track = es.row_track[offset:offset + n]
-            offset += n
-            valid = col.is_valid().to_numpy(zero_copy_only=False).astype(bool)
-            col = col.drop_null()
-            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-            if len(lengths) and (lengths != n_labels).any():
-                raise UsageError(f"{f}: rows of {int(lengths[lengths != n_labels][0])} scores for {n_labels} labels")
-            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, n_labels)
-            keep = track[valid] >= 0
-            keep &= np.isfinite(values).all(axis=1)
-            np.add.at(sums, track[valid][keep], values[keep])
-            np.add.at(counts, track[valid][keep], 1)
-    if offset != es.n_rows:
-        raise EmbeddingsError(f"{es.directory}: the dataset changed while it was read")
-    return sums, counts

@@ -35,26 +35,30 @@ class EmbeddingSet:
     segment_rows: bool
     notes: list[str] = field(default_factory=list)
 
-    def matrix(self, tracks: np.ndarray) -> np.ndarray:
-        """[len(tracks), dim] float32: the mean embedding of each listed track, read in one pass."""
+    def matrix(self, tracks: np.ndarray, column: str = "embedding", width: int | None = None) -> np.ndarray:
+        """[len(tracks), width] float32: the mean of each listed track's rows of `column` (a list
+        column of `width` floats, default the embedding's size), read in one pass."""
         import pyarrow.parquet as pq
         import torch
 
+        width = self.dim if width is None else int(width)
         pos = np.full(len(self.paths), -1, np.int64)
         pos[tracks] = np.arange(len(tracks))
-        out = torch.zeros(len(tracks), self.dim, dtype=torch.float32)
+        out = torch.zeros(len(tracks), width, dtype=torch.float32)
         count = torch.zeros(len(tracks), dtype=torch.float32)
         offset = 0
         for f in self.files:
             try:
                 pf = pq.ParquetFile(f)
-                _check_embedding_type(pf.schema_arrow.field("embedding").type, self.dim, f)
-                for batch in pf.iter_batches(batch_size=8192, columns=["embedding"]):
+                if column not in pf.schema_arrow.names:
+                    raise UsageError(f"{f}: no column {column!r}")
+                _check_embedding_type(pf.schema_arrow.field(column).type, width, f, column)
+                for batch in pf.iter_batches(batch_size=8192, columns=[column]):
                     n = batch.num_rows
                     where = pos[np.maximum(self.row_track[offset:offset + n], 0)]
                     where[self.row_track[offset:offset + n] < 0] = -1
                     offset += n
-                    valid, vec = _embedding_array(batch.column(0), self.dim, f)
+                    valid, vec = _embedding_array(batch.column(0), width, f)
                     where[~valid] = -1
                     sel = np.flatnonzero(where >= 0)
                     if not len(sel):
@@ -63,21 +67,21 @@ class EmbeddingSet:
                     out.index_add_(0, idx, torch.from_numpy(vec[(np.cumsum(valid) - 1)[sel]]))
                     count.index_add_(0, idx, torch.ones(len(sel)))
             except (OSError, KeyError) as e:
-                raise EmbeddingsError(f"{f}: cannot read embeddings ({e})") from None
+                raise EmbeddingsError(f"{f}: cannot read column {column!r} ({e})") from None
         if offset != self.n_rows:
             raise EmbeddingsError(f"{self.directory}: the dataset changed while it was read")
         out /= count[:, None]  # a track whose every row is null becomes NaN, dropped by the caller
         return out.numpy()
 
 
-def _check_embedding_type(etype, dim: int | None, where: str) -> int | None:
+def _check_embedding_type(etype, dim: int | None, where: str, column: str = "embedding") -> int | None:
     """A list of floats; a fixed size must be `dim` (None: not known yet). Returns the size
     (None for variable-length lists, checked row by row when read)."""
     import pyarrow as pa
 
     if not (pa.types.is_fixed_size_list(etype) or pa.types.is_list(etype) or pa.types.is_large_list(etype)) \
             or not pa.types.is_floating(etype.value_type):
-        raise UsageError(f"{where}: column 'embedding' is {etype}, expected a list of floats")
+        raise UsageError(f"{where}: column {column!r} is {etype}, expected a list of floats")
     if pa.types.is_fixed_size_list(etype):
         if dim is not None and etype.list_size != dim:
             raise UsageError(f"{where}: embeddings of {etype.list_size} values, other files of this folder have "
