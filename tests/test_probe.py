@@ -269,6 +269,17 @@ def test_segment_rows_are_averaged_per_track(tmp_path):
                                                  "preset": "none"}
 
 
+def test_a_non_finite_segment_row_is_left_out_not_the_track(tmp_path):
+    d = tmp_path / "emb"
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    x[1, 0], x[4, 1] = np.nan, np.inf  # a.mp3 keeps 2 of its 3 rows; c.mp3 keeps none
+    write_embeddings(d, ["a.mp3", "a.mp3", "b.mp3", "a.mp3", "c.mp3"], x, segments=[0, 1, 0, 2, 0])
+    m = open_embeddings(d).matrix(np.arange(3))
+    np.testing.assert_allclose(m[0], x[[0, 3]].mean(0))
+    np.testing.assert_allclose(m[1], x[2])
+    assert np.isnan(m[2]).all()  # c.mp3's only row is not finite: no embedding, never an inf in a mean
+
+
 def test_null_embeddings_and_mixed_settings(tmp_path):
     d = tmp_path / "emb"
     d.mkdir()

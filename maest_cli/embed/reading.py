@@ -37,7 +37,8 @@ class EmbeddingSet:
 
     def matrix(self, tracks: np.ndarray, column: str = "embedding", width: int | None = None) -> np.ndarray:
         """[len(tracks), width] float32: the mean of each listed track's rows of `column` (a list
-        column of `width` floats, default the embedding's size), read in one pass."""
+        column of `width` floats, default the embedding's size), read in one pass. Null and
+        non-finite rows are left out; a track with no row left is NaN."""
         import pyarrow.parquet as pq
         import torch
 
@@ -59,7 +60,9 @@ class EmbeddingSet:
                     where[self.row_track[offset:offset + n] < 0] = -1
                     offset += n
                     valid, vec = _embedding_array(batch.column(0), width, f)
-                    where[~valid] = -1
+                    finite = np.zeros_like(valid)
+                    finite[valid] = np.isfinite(vec).all(axis=1)
+                    where[~finite] = -1  # a null or non-finite row counts as no row
                     sel = np.flatnonzero(where >= 0)
                     if not len(sel):
                         continue
