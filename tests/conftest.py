@@ -197,16 +197,19 @@ def clip_mp3(seconds: float, sr: int, seed: int) -> bytes:
 
 
 def mtt_mirror_files(seconds: float = 1.0, empty: tuple[str, ...] = (),
-                     extra_members: dict[str, bytes] | None = None) -> dict[str, bytes]:
+                     extra_members: dict[str, bytes] | None = None, omit: tuple[str, ...] = ()) -> dict[str, bytes]:
     """MagnaTagATune as its site serves it, at small size: {URL path: bytes} for
     /mtt/annotations_final.csv (tests/fixtures/probe/mtt's 33 clips: real columns, folders 0-f)
     and /mtt/mp3.zip.001-003 (one zip of 16 kHz mono mp3s at each mp3_path, cut in three).
-    `empty`: mp3_paths stored as zero-byte files (as MTT ships three); `extra_members`: more zip members."""
+    `empty`: mp3_paths stored as zero-byte files (as MTT ships three); `extra_members`: more zip members;
+    `omit`: mp3_paths left out of the zip. A key of `extra_members` may be a ZipInfo (a link, say)."""
     ann = (PROBE_FIXTURES / "mtt" / "annotations_final.csv").read_bytes()
     paths = [line.split("\t")[-1].strip('"') for line in ann.decode().splitlines()[1:] if line.strip()]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for i, p in enumerate(paths):
+            if p in omit:
+                continue
             if p in empty:
                 zf.writestr(p, b"")
                 continue
@@ -227,7 +230,7 @@ def mtg_mirror_files(seconds: float = 1.0, quality: str = "low",
     the 100 tars /mtg-jamendo/audio-low/raw_30s_audio-low-NN.tar, each holding NN/ and the
     NN/ID.low.mp3 of the 29 tracks those split files name (one each in 14, 17, ..., 98; the
     other tars hold only their folder), with both sha256 lists.
-    `extra_members`: {NN: {member name: bytes}} added to tar NN, and not listed."""
+    `extra_members`: {NN: {member name: bytes or a TarInfo (a link)}} added to tar NN, and not listed."""
     from maest_cli.datasets.fetch import sources
 
     cfg = sources()["mtg-jamendo"]
@@ -256,6 +259,9 @@ def mtg_mirror_files(seconds: float = 1.0, quality: str = "low",
             d.type, d.mode = tarfile.DIRTYPE, 0o755
             tf.addfile(d)
             for name, data in {**members, **(extra_members or {}).get(nn, {})}.items():
+                if isinstance(data, tarfile.TarInfo):  # a link or a device, as given
+                    tf.addfile(data)
+                    continue
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
@@ -268,9 +274,24 @@ def mtg_mirror_files(seconds: float = 1.0, quality: str = "low",
     return files
 
 
-def serve_mirror(server, files, tmp_path, monkeypatch):
+def serve_mirror(server, files, tmp_path, monkeypatch, mtt_clips: int | None = None):
     """Serve `files` (mtt_mirror_files(), mtg_mirror_files(), altered as a test needs) as the datasets'
-    mirror: MAEST_DATASETS_MIRROR, MAEST_DATA=tmp_path/data, MAEST_OFFLINE unset. Returns the server."""
+    mirror: MAEST_DATASETS_MIRROR, MAEST_DATA=tmp_path/data, MAEST_OFFLINE unset. Returns the server.
+    The download checks annotations_final.csv against MagnaTagATune's clip count (configs/datasets.toml);
+    here that count is the served file's rows, or `mtt_clips` (a test serving a truncated file)."""
+    ann = files.get("/mtt/annotations_final.csv")
+    if ann is not None or mtt_clips is not None:
+        import maest_cli.datasets.fetch as fetch
+
+        clips = mtt_clips if mtt_clips is not None else sum(1 for line in ann.decode().splitlines()[1:] if line)
+        real = fetch.sources
+
+        def sources(base_url=None):
+            cfg = real(base_url)
+            cfg["mtt"]["clips"] = clips
+            return cfg
+
+        monkeypatch.setattr(fetch, "sources", sources)
     server.files.update(files)
     monkeypatch.setenv("MAEST_DATASETS_MIRROR", server.url)
     monkeypatch.setenv("MAEST_DATA", str(tmp_path / "data"))

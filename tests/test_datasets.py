@@ -58,6 +58,42 @@ def test_mtt_download_joins_checks_unpacks_and_is_found(mtt_mirror):
     assert again.already_complete and len(mtt_mirror.requests) == before and again.coverage == s.coverage
 
 
+def test_mtt_zip_without_some_clips_is_partial(http_server, tmp_path, monkeypatch):
+    from conftest import mtt_mirror_files, serve_mirror
+
+    files = mtt_mirror_files()
+    clips = [line.split("\t")[-1].strip('"') for line in files["/mtt/annotations_final.csv"].decode().splitlines()[1:]]
+    serve_mirror(http_server, mtt_mirror_files(omit=tuple(clips[:2]), empty=(clips[2],)), tmp_path, monkeypatch)
+    r = runner.invoke(app, ["datasets", "download", "mtt"])
+    assert r.exit_code == 0, r.output
+    assert "mtt: partial under " in r.stdout and "(31 of the 33 annotated clips of mp3.zip.001-003 on disk)" in r.stdout
+    loc = locate("mtt")  # the empty clip is a file on disk: it counts as present
+    assert not loc.complete and (loc.coverage.present, loc.coverage.total) == (31, 33)
+    assert json.loads(runner.invoke(app, ["datasets", "list", "--json"]).stdout)[0]["state"] == "partial"
+
+
+@pytest.mark.parametrize("cut", ["line", "row"])
+def test_truncated_annotations_are_refused_and_fetched_again(http_server, tmp_path, monkeypatch, cut):
+    from conftest import mtt_mirror_files, serve_mirror
+
+    files = mtt_mirror_files()
+    whole = files["/mtt/annotations_final.csv"]
+    lines = whole.splitlines(keepends=True)
+    files["/mtt/annotations_final.csv"] = (b"".join(lines[:20]) + lines[20][:100] if cut == "line"
+                                           else b"".join(lines[:20]))  # the server's length is the cut one
+    serve_mirror(http_server, files, tmp_path, monkeypatch, mtt_clips=len(lines) - 1)
+    with pytest.raises(DatasetCorrupt) as e:
+        download_dataset("mtt", progress=False)
+    assert str(e.value) == ("annotations_final.csv: not MagnaTagATune's annotations ("
+                            + ("line 21 has 25 columns, the header 190: a truncated download?" if cut == "line" else
+                               "19 clips, MagnaTagATune has 33: a truncated download?")
+                            + "); the file was deleted, run the download again")
+    assert not (default_root() / "mtt" / "annotations_final.csv").exists()
+    assert not any("mp3.zip" in p for p in fetched(http_server))  # nothing else fetched on a bad file
+    http_server.files["/mtt/annotations_final.csv"] = whole
+    assert download_dataset("mtt", progress=False).complete
+
+
 def test_interrupted_download_resumes_in_the_run_and_on_the_next(mtt_mirror, no_waiting):
     mtt_mirror.cut_after = 10_000  # the first transfer drops: retried at once from its .part
     download_dataset("mtt", progress=False)
@@ -96,20 +132,52 @@ def test_zip_member_outside_the_root_is_refused(http_server, tmp_path, monkeypat
     from conftest import mtt_mirror_files, serve_mirror
 
     serve_mirror(http_server, mtt_mirror_files(extra_members={member: b"x"}), tmp_path, monkeypatch)
-    with pytest.raises(UnsafeMember, match="would land outside"):
+    dl = default_root() / "mtt" / "downloads"
+    with pytest.raises(UnsafeMember, match="would land outside") as e:
         download_dataset("mtt", progress=False)
+    assert str(e.value).endswith(f"nothing unpacked; the parts stay in {dl} (delete that folder to fetch them again)")
     assert not list(tmp_path.rglob("evil.mp3")) and not (default_root() / "mtt" / "audio").exists()
 
 
-def test_free_disk_check_refuses_before_writing(mtt_mirror, monkeypatch):
+def test_free_disk_check_refuses_before_the_first_part(mtt_mirror, monkeypatch):
+    """Room for one part and its unpacking (what a per-part check asked) is not enough: the disk
+    must hold every part and the unpacked clips, and is refused before the first part's first byte."""
+    import io
+    import zipfile
+
+    parts = [mtt_mirror.files[f"/mtt/mp3.zip.00{i}"] for i in (1, 2, 3)]
+    members = sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(b"".join(parts))).infolist())
     usage = shutil.disk_usage("/")
-    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage._replace(free=40_000))
+    free = int(2.5 * len(parts[0]))  # > part 1 twice over, < the three parts plus the unpacked clips
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage._replace(free=free))
     r = runner.invoke(app, ["datasets", "download", "mtt"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("maest: error:")]
-    assert len(errors) == 1 and errors[0].startswith("maest: error: mp3.zip.001: needs 111.2 kB free in ")
-    assert errors[0].endswith("40.0 kB available; free some space or put the data on another disk")
+    assert len(errors) == 1 and errors[0].startswith("maest: error: mp3.zip.001: needs "), errors
+    need = float(errors[0].split("needs ")[1].split(" kB")[0]) * 1000
+    assert need >= sum(map(len, parts)) + members
+    assert errors[0].endswith(f"{free / 1000:.1f} kB available; free some space or put the data on another disk")
     assert not list((default_root() / "mtt").rglob("mp3.zip*"))  # refused before its first byte
+    assert "/mtt/mp3.zip.002" not in fetched(mtt_mirror)
+
+
+def test_free_disk_check_before_unpacking(mtt_mirror, monkeypatch):
+    """Parts already on disk (an earlier run stopped before unpacking): the unpack itself is checked."""
+    import maest_cli.datasets.archives as archives
+
+    real = archives.unzip_parts
+    monkeypatch.setattr("maest_cli.datasets.fetch.unzip_parts", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        download_dataset("mtt", progress=False)
+    monkeypatch.setattr("maest_cli.datasets.fetch.unzip_parts", real)
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    before = len(mtt_mirror.requests)
+    with pytest.raises(download.NoSpaceError, match=r"^unpacking mp3.zip.001-003: needs 17\d\.\d kB free in "):
+        download_dataset("mtt", progress=False)
+    assert len(mtt_mirror.requests) == before and not (default_root() / "mtt" / "audio").exists()
+    assert len(list((default_root() / "mtt" / "downloads").glob("mp3.zip.00?"))) == 3  # kept for the next run
 
 
 def test_offline_and_missing_say_which_command_fixes_it(tmp_path, monkeypatch):
@@ -120,6 +188,10 @@ def test_offline_and_missing_say_which_command_fixes_it(tmp_path, monkeypatch):
     assert e.value.exit_code == 2
     with pytest.raises(DatasetMissing, match=f"run `maest datasets download mtg-jamendo --root {tmp_path}`"):
         locate("mtg-jamendo-genre", tmp_path)
+    spaced = tmp_path / "my data"
+    with pytest.raises(DatasetMissing) as e:
+        locate("mtt", spaced)
+    assert str(e.value).endswith(f"run `maest datasets download mtt --root '{spaced}'`")
     with pytest.raises(NetworkDisabled, match="MAEST_OFFLINE is set; unset it and run `maest datasets download mtt`"):
         download_dataset("mtt", progress=False)  # conftest sets MAEST_OFFLINE=1
 
@@ -180,6 +252,33 @@ def test_tar_member_outside_the_root_is_refused(http_server, tmp_path, monkeypat
     assert not list(tmp_path.rglob("evil.low.mp3")) and not (default_root() / "mtg-jamendo" / "audio-low" / "14").exists()
 
 
+def test_links_in_archives_are_refused(http_server, tmp_path, monkeypatch):
+    """A symbolic link (to anywhere) or a hard link member refuses the archive: nothing of it is unpacked."""
+    import stat
+    import tarfile
+    import zipfile
+
+    from conftest import mtg_mirror_files, mtt_mirror_files, serve_mirror
+
+    link = zipfile.ZipInfo("0/link.mp3")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    serve_mirror(http_server, mtt_mirror_files(extra_members={link: b"/etc/passwd"}), tmp_path, monkeypatch)
+    with pytest.raises(UnsafeMember, match="member '0/link.mp3' is a symbolic link; nothing unpacked"):
+        download_dataset("mtt", progress=False)
+    assert not (default_root() / "mtt" / "audio").exists()
+
+    sym, hard = tarfile.TarInfo("14/sym.low.mp3"), tarfile.TarInfo("17/hard.low.mp3")
+    sym.type, sym.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hard.type, hard.linkname = tarfile.LNKTYPE, "17/217.low.mp3"
+    serve_mirror(http_server, mtg_mirror_files(extra_members={"14": {sym.name: sym}, "17": {hard.name: hard}}),
+                 tmp_path, monkeypatch)
+    s = download_dataset("mtg-jamendo", tars="14,17,20", progress=False)
+    assert s.failed == [f"raw_30s_audio-low-{nn}.tar: member '{m}' is a link or device, not a file; nothing unpacked"
+                        for nn, m in (("14", sym.name), ("17", hard.name))]
+    loc = locate("mtg-jamendo")
+    assert loc.coverage.parts == ("20",) and not (loc.audio_root / "14").exists() and not (loc.audio_root / "17").exists()
+
+
 def test_track_that_does_not_match_its_list_is_deleted(http_server, tmp_path, monkeypatch):
     from conftest import mtg_mirror_files, serve_mirror
 
@@ -194,6 +293,90 @@ def test_track_that_does_not_match_its_list_is_deleted(http_server, tmp_path, mo
                         ".txt (e.g. 14/214.low.mp3); nothing unpacked",
                         "raw_30s_audio-low-20.tar: not in data/download/raw_30s_audio-low_sha256_tars.txt; skipped"]
     assert locate("mtg-jamendo").coverage.parts == ("17",)
+
+
+def test_archives_go_only_after_the_manifest_says_unpacked(mtt_mirror, mtg_mirror, monkeypatch):
+    """A kill between unpacking and saving the manifest leaves the verified tar to reuse, not 1.6 GB to
+    fetch again; a finished download whose archives a kill left behind deletes them on the rerun."""
+    import maest_cli.datasets.fetch as fetch
+
+    real = fetch._Job._mtg_tar
+
+    def unpacked_then_killed(self, *a, **k):
+        entry = real(self, *a, **k)
+        self.save = lambda: (_ for _ in ()).throw(KeyboardInterrupt())
+        return entry
+
+    monkeypatch.setattr(fetch._Job, "_mtg_tar", unpacked_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        download_dataset("mtg-jamendo", tars="14", progress=False)
+    tar = default_root() / "mtg-jamendo" / "downloads" / "raw_30s_audio-low-14.tar"
+    assert tar.is_file()
+    monkeypatch.setattr(fetch._Job, "_mtg_tar", real)
+    before = len(mtg_mirror.requests)
+    s = download_dataset("mtg-jamendo", tars="14", progress=False)
+    assert s.unpacked == ["raw_30s_audio-low-14.tar"] and len(mtg_mirror.requests) == before and not tar.exists()
+
+    download_dataset("mtt", progress=False, keep_archives=True)  # parts left as a kill after the save leaves them
+    parts = sorted((default_root() / "mtt" / "downloads").glob("mp3.zip.00?"))
+    assert len(parts) == 3
+    assert download_dataset("mtt", progress=False).already_complete and not any(p.exists() for p in parts)
+    assert download_dataset("mtg-jamendo", tars="17", progress=False, keep_archives=True).unpacked
+    tar17 = tar.with_name("raw_30s_audio-low-17.tar")
+    assert tar17.is_file() and download_dataset("mtg-jamendo", tars="17", progress=False).already_complete
+    assert not tar17.exists()
+
+
+def test_metadata_is_what_the_probe_reads_each_file_checked_a_failure_named(http_server, tmp_path, monkeypatch):
+    from conftest import mtg_mirror_files, serve_mirror
+
+    files = mtg_mirror_files()
+    gone = "data/splits/split-3/autotagging_moodtheme-test.tsv"
+    link = "data/splits/split-2/autotagging_genre-train.tsv"
+    del files[f"/mtg-jamendo/metadata/{gone}"]
+    files[f"/mtg-jamendo/metadata/{link}"] = b"../autotagging_genre-train.tsv"  # a symbolic link's raw text
+    serve_mirror(http_server, files, tmp_path, monkeypatch)
+    r = runner.invoke(app, ["datasets", "download", "mtg-jamendo", "--tars", "14"])
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("maest: error:")]
+    assert errors == [
+        f"maest: error: metadata {link}: not an MTG-Jamendo split file (its first line is "
+        "'../autotagging_genre-train.tsv', not 'TRACK_ID\\tARTIST_ID\\tALBUM_ID\\tPATH\\tDURATION\\tTAGS'); "
+        "the file was deleted",
+        f"maest: error: metadata {gone}: {http_server.url}/mtg-jamendo/metadata/{gone}: HTTP 404 Not Found"]
+    loc = locate("mtg-jamendo")  # the other files and the tar went on
+    assert loc.coverage.parts == ("14",) and not (loc.annotations_root / link).exists()
+    asked = {p.removeprefix("/mtg-jamendo/metadata/") for p, _ in http_server.requests if "/metadata/" in p}
+    assert len(asked) == 63 and "audio_licenses.txt" in asked  # 4 tasks x 5 splits x 3, 2 sha256 lists, licences
+    assert not any(p.startswith("data/autotagging") or "/autotagging-" in p for p in asked)
+    files[f"/mtg-jamendo/metadata/{gone}"] = files[f"/mtg-jamendo/metadata/{gone.replace('-3/', '-2/')}"]
+    files[f"/mtg-jamendo/metadata/{link}"] = files[f"/mtg-jamendo/metadata/{link.replace('-2/', '-1/')}"]
+    http_server.files.update(files)
+    before = len(http_server.requests)
+    s = download_dataset("mtg-jamendo", tars="14", progress=False)  # the rerun fetches only the two
+    assert not s.failed and sorted(p for p, _ in http_server.requests[before:]) == sorted(
+        f"/mtg-jamendo/metadata/{p}" for p in (gone, link))
+
+    sums = "data/download/raw_30s_audio-low_sha256_tars.txt"  # without a checksum list no tar is fetched
+    shutil.rmtree(default_root())
+    del http_server.files[f"/mtg-jamendo/metadata/{sums}"]
+    with pytest.raises(DatasetCorrupt) as e:
+        download_dataset("mtg-jamendo", tars="14", progress=False)
+    assert str(e.value) == (f"metadata {sums}: {http_server.url}/mtg-jamendo/metadata/{sums}: HTTP 404 Not Found; "
+                            f"without it no tar can be checked, so none was fetched")
+    assert not any(p.endswith(".tar") for p, _ in http_server.requests[before:])
+
+
+def test_a_checksum_list_that_is_not_one_is_refused_and_fetched_again(mtg_mirror):
+    sums = "/mtg-jamendo/metadata/data/download/raw_30s_audio-low_sha256_tracks.txt"
+    good = mtg_mirror.files[sums]
+    mtg_mirror.files[sums] = b"../raw_30s_audio-low_sha256_tracks.txt"  # a symbolic link's raw text
+    with pytest.raises(DatasetCorrupt, match="raw_30s_audio-low_sha256_tracks.txt: no '<sha256> <name>' line"):
+        download_dataset("mtg-jamendo", tars="14", progress=False)
+    assert not any(p.endswith(".tar") for p in fetched(mtg_mirror))
+    mtg_mirror.files[sums] = good
+    s = download_dataset("mtg-jamendo", tars="14", progress=False)
+    assert not s.failed and fetched(mtg_mirror).count(sums) == 2 and locate("mtg-jamendo").coverage.parts == ("14",)
 
 
 def test_parse_tars_and_quality():

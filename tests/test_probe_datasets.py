@@ -127,15 +127,38 @@ def test_mtt_split_rule_top50_and_what_was_downloaded(tmp_path):
         downloaded_part(ann, make_mtt(tmp_path / "noc", per_folder=2, missing="c") / "mtt" / "audio")
 
 
+def test_mtg_downloaded_part_is_the_verified_tars_only(tmp_path):
+    """Tracks of a tar the manifest does not record as verified (its unpacking was killed) are not
+    counted as downloaded: the coverage text and the tracks probed say the same."""
+    data = make_mtg_genre(tmp_path, tars=("00", "01", "02"))
+    manifest = data / "mtg-jamendo" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["tars"]["02"]
+    manifest.write_text(json.dumps(m))
+    located = locate("mtg-jamendo-genre", data)
+    assert located.coverage.parts == ("00", "01")
+    ann = load_annotations("mtg-jamendo-genre", located.annotations_root)
+    part = downloaded_part(ann, located.audio_root, located.coverage.parts)
+    assert part.downloaded == {"train": 6, "validation": 2, "test": 4}
+    assert {p.split("/")[0] for p in part.annotations.paths} == {"00", "01"}
+    assert downloaded_part(ann, located.audio_root).downloaded["train"] == 9  # every folder on disk
+
+
 def test_paper_table_is_the_issue_s_table_4():
+    """Every cell of configs/paper_results.toml against the issue's Table 4, written out here."""
+    columns = ("mtg-jamendo-genre", "mtg-jamendo-instrument", "mtg-jamendo-moodtheme", "mtg-jamendo-top50", "mtt")
+    table = {  # ROC-AUC / mAP, %, in the column order above
+        ("baselines", "effnet-b0"): "87.7/19.9 77.6/19.8 75.6/13.6 83.1/29.7 90.2/37.4",
+        ("models", "discogs-maest-10s-pw-129e"): "88.1/21.1 79.7/22.4 77.9/15.1 84.0/31.3 91.8/41.0",
+        ("models", "discogs-maest-20s-pw-129e"): "88.1/21.4 79.9/22.6 77.9/15.2 84.1/31.5 91.8/41.0",
+        ("models", "discogs-maest-30s-pw-129e"): "88.2/21.6 80.0/22.9 78.1/15.4 84.0/31.5 92.0/41.9",
+    }
     data = paper_results()
-    assert set(data["models"]) == {"discogs-maest-10s-pw-129e", "discogs-maest-20s-pw-129e",
-                                   "discogs-maest-30s-pw-129e"}
-    assert data["models"]["discogs-maest-30s-pw-129e"]["mtt"] == {"roc_auc": 92.0, "map": 41.9}
-    assert data["baselines"]["effnet-b0"]["mtg-jamendo-moodtheme"] == {"roc_auc": 75.6, "map": 13.6}
-    for row in (*data["models"].values(), *data["baselines"].values()):
-        assert set(row) - {"label"} == {"mtt", "mtg-jamendo-genre", "mtg-jamendo-instrument",
-                                        "mtg-jamendo-moodtheme", "mtg-jamendo-top50"}
+    assert {(k, n) for k in ("models", "baselines") for n in data[k]} == set(table)
+    for (kind, name), cells in table.items():
+        expected = {c: dict(zip(("roc_auc", "map"), map(float, cell.split("/"))))
+                    for c, cell in zip(columns, cells.split())}
+        assert {k: v for k, v in data[kind][name].items() if k != "label"} == expected, name
     assert paper_rows("mtt", "maest-tiny")["no_row_reason"] == "the paper has no row for maest-tiny"
     assert paper_rows("mtt", "discogs-maest-20s-pw-129e")["row"]["label"] == "MAEST-20s"
 
@@ -174,8 +197,9 @@ def test_subset_coverage_against_what_was_downloaded(tmp_path, tiny_model_file, 
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, probe_args(data, tmp_path, tiny_model_file, "mtt", "--min-match", "0.9"))
     assert r.exit_code == 0, r.output
-    assert "train: 11 of 36 clips (12 downloaded: all of mp3.zip.001-003, 1 with empty audio)" in r.stdout
-    assert "test: 6 of 9 clips (6 downloaded: all of mp3.zip.001-003)" in r.stdout
+    on_disk = "21 of the 48 annotated clips of mp3.zip.001-003 on disk"
+    assert f"train: 11 of 36 clips (12 downloaded: {on_disk}, 1 with empty audio)" in r.stdout
+    assert f"test: 6 of 9 clips (6 downloaded: {on_disk})" in r.stdout
     assert "this run's test split is 6 of 9 tracks" in r.stdout
     # all 21 downloaded clips asked for, one is empty: refused, naming the counts inside the downloaded part
     r = runner.invoke(app, probe_args(data, tmp_path, tiny_model_file, "mtt", "--min-match", "1"))
@@ -184,6 +208,9 @@ def test_subset_coverage_against_what_was_downloaded(tmp_path, tiny_model_file, 
 
 def test_mtg_jamendo_subset_of_tars(tmp_path, tiny_model_file, monkeypatch):
     data = make_mtg_genre(tmp_path / "data", tars=("00", "01"))
+    killed = data / "mtg-jamendo" / "audio-low" / "02" / "2.low.mp3"  # a track of a tar whose unpacking was killed
+    killed.parent.mkdir()
+    shutil.copy(data / "mtg-jamendo" / "audio-low" / "00" / "0.low.mp3", killed)
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, probe_args(data, tmp_path, tiny_model_file, "mtg-jamendo-genre"))
     assert r.exit_code == 0, r.output
@@ -206,6 +233,30 @@ def test_no_dataset_is_one_line_naming_the_download(tmp_path, monkeypatch):
         from maest_cli import probe
 
         probe("mtg-jamendo-top50")
+
+
+def test_paper_row_beside_another_protocol_says_so():
+    from maest_cli.embed.spec import InferenceSpec
+
+    m = "discogs-maest-30s-pw-129e"
+    assert paper_rows("mtt", m, None, "paper", InferenceSpec())["protocol_differences"] == []
+    assert paper_rows("mtg-jamendo-genre", m, 0, "paper", InferenceSpec(block=7))["protocol_differences"] == []
+    spec = InferenceSpec(preset="fast", block=11, tokens="cls", hop="full")
+    rows = paper_rows("mtg-jamendo-genre", m, 2, "quick", spec)
+    assert rows["protocol_differences"] == [
+        "split 2 (the paper's: 0)", "grid quick (the paper's: paper)", "patchout fast (the paper's: none)",
+        "tokens cls (the paper's: cls,dist,avg)", "hop full (the paper's: half)", "block 11 (the paper's: 7)"]
+    assert rows["row"]["roc_auc"] == 88.2  # still shown, for reference
+    lines = paper_lines({"dataset": {"name": "mtg-jamendo-genre"}, "model": m, "test": {}, "paper": rows})
+    assert any(line.startswith("  paper: MAEST-30s (discogs-maest-30s-pw-129e)") and line.endswith("88.2 / 21.6")
+               for line in lines)
+    assert lines[-1] == ("  not the paper's protocol: split 2 (the paper's: 0); grid quick (the paper's: paper); "
+                         "patchout fast (the paper's: none); tokens cls (the paper's: cls,dist,avg); hop full (the "
+                         "paper's: half); block 11 (the paper's: 7); its figures are shown for reference, not as a "
+                         "target")
+    overridden = InferenceSpec(time_keep_every=2)
+    assert paper_rows("mtt", m, None, "paper", overridden)["protocol_differences"] == [
+        "patchout none with overrides (the paper's: none)"]
 
 
 def test_paper_lines_without_coverage_or_paper():
@@ -249,6 +300,7 @@ def test_download_then_probe_mtt_end_to_end(http_server, tmp_path, tiny_model_fi
     assert r.exit_code == 0, r.output
     assert "paper: MAEST-30s (discogs-maest-30s-pw-129e)  92.0 / 41.9" in r.stdout
     assert "no published row" not in r.stdout
+    assert "not the paper's protocol: grid grid (the paper's: paper)" in r.stdout
     res = json.loads(next(tmp_path.glob("probe-mtt-discogs-maest-30s-pw-129e-*/results.json")).read_text())
     assert res["paper"]["row"] == {"label": "MAEST-30s", "roc_auc": 92.0, "map": 41.9}
     assert res["model"] == "discogs-maest-30s-pw-129e" and res["extract_failed"] == 0
@@ -262,7 +314,10 @@ def test_a_corrupt_archive_never_reaches_the_probe(http_server, tmp_path, monkey
     files["/mtt/mp3.zip.002"] = bytes(part)
     serve_mirror(http_server, files, tmp_path, monkeypatch)
     r = runner.invoke(app, ["datasets", "download", "mtt"])
-    assert r.exit_code != 0
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("maest: error:")]
+    assert len(errors) == 1 and errors[0].startswith("maest: error: mp3.zip.001-003: ")
+    assert errors[0].endswith("(fetched twice; both copies fail the check)")
     r = runner.invoke(app, ["probe", "mtt"])
     assert r.exit_code == 2
     errors = r.stderr.strip().splitlines()

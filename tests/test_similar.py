@@ -207,3 +207,180 @@ def test_queries_are_embedded_with_the_spec_the_dataset_records(spec, catalogue)
     meta = {**made.metadata(), "model": {"name": "tiny-test", "path": catalogue["model"]}}
     again = dataset_spec(meta, device="cpu").resolve(cfg, 4)
     assert again.settings() == made.settings() and again.spec.model == catalogue["model"]
+
+
+# ------------------------------------------------------------------ queries embedded: the cache, names on disk
+
+@pytest.fixture
+def count_extracts(monkeypatch):
+    """The files each extract run of the query cache was asked for."""
+    from maest_cli.catalogue import cached
+
+    calls: list[list[str]] = []
+
+    def counted(paths, *args, **kw):
+        calls.append([str(p) for p in paths])
+        return real(paths, *args, **kw)
+
+    real = cached.extract
+    monkeypatch.setattr(cached, "extract", counted)
+    return calls
+
+
+def test_a_query_replaced_under_its_name_is_embedded_again_and_an_asked_one_is_not(catalogue, dataset, tmp_path,
+                                                                                   count_extracts):
+    import os
+
+    q, other = tmp_path / "q.ogg", tmp_path / "r.wav"
+    shutil.copy(catalogue["copies"] / "a0.ogg", q)
+    shutil.copy(catalogue["music"] / "f0.wav", other)
+    first = maest_cli.similar([str(q)], dataset, k=1)
+    assert first.results[0].neighbours[0].path.endswith("/a0.wav") and len(count_extracts) == 1
+    both = maest_cli.similar([str(q), str(other)], dataset, k=1)  # q is not embedded again
+    assert [r.neighbours[0].path.rsplit("/", 1)[1] for r in both.results] == ["a0.wav", "f0.wav"]
+    assert count_extracts[1:] == [[str(other)]]
+    x = sf.read(catalogue["music"] / "d0.wav")[0]
+    sf.write(q, x, SR, format="OGG", subtype="VORBIS")  # another recording under the same name
+    st = os.stat(q)
+    os.utime(q, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = maest_cli.similar([str(q)], dataset, k=1)
+    assert again.results[0].neighbours[0].path.endswith("/d0.wav") and count_extracts[2:] == [[str(q)]]
+
+
+def test_hard_linked_and_non_utf8_named_queries_are_answered(catalogue, dataset, tmp_path, count_extracts):
+    import os
+
+    q = tmp_path / "q.ogg"
+    shutil.copy(catalogue["copies"] / "a0.ogg", q)
+    link = tmp_path / "link.ogg"
+    os.link(q, link)
+    latin = os.path.join(str(tmp_path), os.fsdecode(b"caf\xe9.ogg"))  # a Latin-1 name
+    shutil.copy(q, latin)
+    table = maest_cli.similar([str(q), str(link), latin], dataset, k=1)
+    assert table.failures == [] and len(table.results) == 3, table.failures
+    assert all(r.neighbours[0].path.endswith("/a0.wav") and r.source == "audio" for r in table.results)
+    assert table.results[2].query.endswith("caf\\xe9.ogg")  # shown as extract records such names
+    assert len(count_extracts) == 2  # the hard link is the same file: embedded once
+    json.loads(table.to_json())
+
+
+def test_an_existing_file_is_itself_not_a_dataset_track_at_the_same_relative_path(catalogue, dataset, tmp_path,
+                                                                                  monkeypatch):
+    """The dataset stores d0.wav relative to its root: a d0.wav in the working directory that is
+    another recording is embedded, not answered with the stored d0; a relative path that exists
+    nowhere on disk is the dataset's."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(catalogue["music"] / "b0.wav", tmp_path / "d0.wav")
+    (r,) = maest_cli.similar(["d0.wav"], dataset, k=1).results
+    assert r.source == "audio" and r.neighbours[0].path.endswith("/b0.wav")
+    (r,) = maest_cli.similar(["e0.wav"], dataset, k=1).results
+    assert r.source == "dataset" and r.neighbours[0].path == str(catalogue["music"] / "e0.wav")
+
+
+def test_an_ambiguous_relative_path_is_said_to_be_so():
+    idx = index_mod.TrackIndex("ds", ["/nowhere/x", "/nowhere/y", "/nowhere/x"], ["s.wav", "s.wav", "t.wav"],
+                               np.eye(3, dtype=np.float32), index_mod.Normalisation("raw"), None, {})
+    row, why = idx.lookup("s.wav")
+    assert row is None and "ambiguous" in why and "/nowhere/x/s.wav" in why and "/nowhere/y/s.wav" in why
+    assert idx.lookup("t.wav") == (2, None) and idx.lookup("/nowhere/y/s.wav") == (1, None)
+    assert idx.lookup("u.wav") == (None, None)
+
+
+# ------------------------------------------------------------------ the index on synthetic datasets
+
+def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)) * 3
+    return (centres[rng.integers(0, clusters, n)] + rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def write_dataset(d, x: np.ndarray, root: str = "/music") -> list[str]:
+    """An extract-like dataset of one part: track i is root/t{i}.wav with embedding x[i]."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d.mkdir()
+    paths = [f"t{i:05d}.wav" for i in range(len(x))]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
+    pq.write_table(pa.table({"root": [root] * len(x), "path": paths, "embedding": emb}), d / "part-00000.parquet")
+    return [f"{root}/{p}" for p in paths]
+
+
+def test_ann_recall_against_exact_search_when_candidates_are_few(tmp_path):
+    """600 clustered vectors, 21 candidates per query for k=10: the ANN (re-scored) finds >= 90 % of
+    exact search's ten nearest."""
+    x = clustered(600, 48, 12, seed=3)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx = index_mod.TrackIndex("ds", ["/r"] * len(x), [f"{i}" for i in range(len(x))], x,
+                               index_mod.Normalisation("raw"), index_mod.AnnIndex.create(x, connectivity=8,
+                                                                                         expansion_search=16), {})
+    queries = x[:200] + 0.05 * np.random.default_rng(4).standard_normal((200, 48)).astype(np.float32)
+    approx, _ = idx.search(queries, 10)
+    exact, _ = idx.search(queries, 10, exact=True)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9, recall
+
+
+def test_tracks_without_a_finite_embedding_are_named_not_dropped_silently(tmp_path):
+    x = clustered(40, 16, 4, seed=5)
+    x[7, 3] = np.nan
+    where = write_dataset(tmp_path / "emb", x)
+    idx = index_mod.open_index(tmp_path / "emb")
+    assert len(idx) == 39
+    (n,) = idx.notes
+    assert "1 track" in n and "no finite embedding" in n and where[7] in n
+    assert index_mod.read_manifest(tmp_path / "emb")["notes"] == [n]
+    table = maest_cli.similar([where[7], where[8]], tmp_path / "emb", k=2)  # the stored index, opened again
+    assert table.notes == [n] and [r.query for r in table.results] == [where[8]]
+    (f,) = table.failures
+    assert f.query == where[7] and "no finite embedding" in f.reason
+
+
+def test_the_index_build_holds_the_matrix_once(tmp_path, monkeypatch):
+    """The normalised vectors go a chunk at a time into the memory-mapped file that becomes the
+    index: what numpy allocates after the fit stays well under one copy of the matrix."""
+    import tracemalloc
+
+    x = clustered(8000, 384, 16, seed=6)
+    write_dataset(tmp_path / "emb", x)
+    monkeypatch.setattr(index_mod, "CHUNK_ROWS", 256)
+    fit = index_mod.fit_normalisation
+
+    def fit_then_measure(*a, **kw):
+        norm = fit(*a, **kw)
+        tracemalloc.reset_peak()
+        return norm
+
+    monkeypatch.setattr(index_mod, "fit_normalisation", fit_then_measure)
+    tracemalloc.start()
+    try:
+        idx = index_mod.open_index(tmp_path / "emb", normalisation="centred")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * x.nbytes, (peak, x.nbytes)
+    assert isinstance(idx.vectors, np.memmap) and idx.vectors.shape == x.shape
+    np.testing.assert_allclose(idx.vectors[:50], index_mod.Normalisation("centred", x.mean(0, dtype=np.float64))
+                               .apply(x[:50]), atol=1e-6)
+
+
+def test_duplicates_on_a_large_dataset_build_the_ann_and_say_so(catalogue, dataset, monkeypatch):
+    from maest_cli.catalogue import similarity
+
+    monkeypatch.setattr(similarity, "DUPLICATE_ANN_ABOVE", 5)
+    lines: list[str] = []
+    table = maest_cli.find_duplicates(dataset, threshold=0.999, log=lines.append)
+    assert table.search == "usearch" and index_mod.read_manifest(dataset)["ann"]["library"] == "usearch"
+    assert len(lines) == 1 and "building" in lines[0] and "8 tracks" in lines[0], lines
+    monkeypatch.setattr(similarity, "DUPLICATE_ANN_ABOVE", 20_000)
+    assert maest_cli.find_duplicates(dataset, threshold=0.999, exact=True).search == "exact"
+
+
+def test_a_dataset_whose_every_file_failed_says_so(catalogue, tmp_path):
+    extract([str(catalogue["root"] / "notes.txt")], tmp_path / "emb", model=catalogue["model"], workers=0,
+            progress=False)
+    for args in (["similar", str(catalogue["music"] / "a0.wav"), "--dataset", str(tmp_path / "emb")],
+                 ["index", "build", str(tmp_path / "emb")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert "every file failed" in r.stderr and "_errors" in r.stderr and "no Parquet" not in r.stderr

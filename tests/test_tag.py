@@ -207,3 +207,21 @@ def test_when_every_file_fails_the_failures_are_the_answer(music, discogs_tiny):
     assert table.tracks == [] and [Path(f.path).name for f in table.failures] == ["bad.mp3"] and table.exit_code == 1
     assert json.loads(table.to_json())["failures"][0]["stage"] == "decode"
     assert tag(from_dataset=table.dataset).failures == table.failures  # an extract folder with no rows yet
+
+
+def test_a_file_replaced_under_its_name_is_tagged_anew(discogs_tiny, tmp_path):
+    """The cache folder of a file named as input is keyed by its size and modification time too:
+    other audio under the same name is embedded again, not answered from the old rows."""
+    import os
+
+    clip = tmp_path / "clip.wav"
+    write_audio(clip, 2.0, seed=1)
+    before = tag([clip], model=discogs_tiny, top=10, **run_options())
+    write_audio(clip, 3.0, seed=9)
+    st = os.stat(clip)
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = tag([clip], model=discogs_tiny, top=10, **run_options())
+    assert after.summary.n_done == 1 and after.dataset != before.dataset
+    assert after.tracks[0].labels != before.tracks[0].labels
+    assert np.allclose(sorted(g.activation for g in after.tracks[0].labels),
+                       sorted(mean_scores(after.dataset)[str(clip)]), atol=1e-6)

@@ -8,11 +8,13 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
+from maest_cli.audio.walk import as_text
 from maest_cli.embed.extraction import ExtractSummary, extract
 from maest_cli.embed.spec import InferenceSpec
-from maest_cli.embed.store import SettingsMismatch
+from maest_cli.embed.store import MANIFEST, PART_GLOB, SettingsMismatch
 from maest_cli.io.download import cache_dir
 
 # how a run goes, not what the rows are: left out of the folder's name
@@ -22,14 +24,33 @@ STALE_CACHE = "were made with other settings and were extracted again"
 
 def cache_key(paths, spec: InferenceSpec) -> dict:
     """What names a cached dataset: the inputs as absolute paths (in the order given: with
-    overlapping inputs the first one names a file) and the spec fields that decide the rows."""
+    overlapping inputs the first one names a file), the size and modification time of each input
+    that is a file (a file replaced under its name gets a new folder: extract resumes by path and
+    would otherwise keep its old rows), and the spec fields that decide the rows. A directory is
+    named by its path alone: a file changed inside it is not seen (extract again with --out)."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     model = spec.model
     if model is not None and os.path.exists(model):  # a weights file: the same file from any directory
         model = os.path.abspath(model)
     fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in RUN_ONLY_FIELDS}
     fields["model"] = model
-    return {"inputs": [os.path.abspath(os.fspath(p)) for p in items], "spec": fields}
+    inputs = [os.path.abspath(os.fspath(p)) for p in items]
+    return {"inputs": [as_text(p) for p in inputs], "files": [file_stats(p) for p in inputs], "spec": fields}
+
+
+def file_stats(path: str) -> list[int] | None:
+    """[size, mtime_ns] of a file (links followed); None for a directory or what cannot be read."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns]
+
+
+def every_file_failed(directory: str | os.PathLike) -> bool:
+    """An extract dataset that ran and holds no part: every file failed (see its _errors/)."""
+    d = Path(directory)
+    return d.is_dir() and (d / MANIFEST).is_file() and not any(d.glob(PART_GLOB))
 
 
 def cache_folder(paths, spec: InferenceSpec, cache_root: str | os.PathLike | None = None) -> Path:

@@ -8,6 +8,7 @@ skips folders starting with '_'):
                           by exact search and used to re-score the ANN's candidates
     norm-<id>.npz         the normalisation (mean, whitening projection), applied to queries too
     ann-<id>.usearch      the approximate index (`maest index build`), absent until built
+    dropped-<id>.parquet  root, path of the tracks left out (no finite embedding), when there are any
 
 Every file is written atomically under a new <id>; the manifest is replaced last and names the
 files of its build, so a reader sees one whole build. A fingerprint of the dataset's part files
@@ -29,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from maest_cli.audio.walk import as_text
+from maest_cli.catalogue.cached import every_file_failed
+from maest_cli.embed.extraction import display_path
 from maest_cli.embed.reading import EmbeddingSet, open_embeddings
 from maest_cli.errors import MaestError, UsageError
 from maest_cli.io.artefacts import atomic_path, write_json
@@ -68,10 +72,12 @@ class Normalisation:
     def out_dim(self) -> int | None:
         return None if self.projection is None else int(self.projection.shape[1])
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Rows of `x` normalised to unit length (float32, computed in float64 a chunk at a time); a
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of `x` normalised to unit length (computed in float64 a chunk at a time) into `out`
+        (default: a new float32 array; a memory-mapped file fills without a copy in memory); a
         zero row stays zero."""
-        out = np.empty((len(x), self.out_dim or x.shape[1]), np.float32)
+        if out is None:
+            out = np.empty((len(x), self.out_dim or x.shape[1]), np.float32)
         for start in range(0, len(x), CHUNK_ROWS):
             y = np.asarray(x[start:start + CHUNK_ROWS], np.float64)
             if self.mean is not None:
@@ -227,6 +233,7 @@ class TrackIndex:
     manifest: dict
     stored: bool = True  # False: held in memory only (the dataset folder is not writable)
     notes: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (root, path) of tracks left out
     _lookup: tuple | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -270,20 +277,42 @@ class TrackIndex:
 
     def locate(self, path: str | os.PathLike) -> int | None:
         """The row of a track given by its path (as on disk, or as the dataset stores it), or None."""
+        return self.lookup(path)[0]
+
+    def lookup(self, path: str | os.PathLike) -> tuple[int | None, str | None]:
+        """(row, None) for a track of the index; (None, why) for a path that names a track of the
+        dataset that cannot be used (no finite embedding) or several tracks; (None, None) else.
+
+        A file that exists is that file: it matches by its absolute (or resolved) path only, never
+        by a relative path that happens to be stored under another root. A path that does not
+        exist on disk may also be a path as the dataset stores it, relative to its root."""
         if self._lookup is None:
             full: dict[str, int] = {}
             rel: dict[str, list[int]] = {}
-            for i, (root, p) in enumerate(zip(self.roots, self.paths)):
-                full.setdefault(os.path.normpath(os.path.join(root, p)), i)
+            entries = [*zip(self.roots, self.paths), *self.dropped]
+            for i, (root, p) in enumerate(entries):  # rows >= len(self): dropped tracks
+                full.setdefault(os.path.normpath(display_path(root, p)), i)
                 rel.setdefault(os.path.normpath(p), []).append(i)
-            self._lookup = (full, rel)
-        full, rel = self._lookup
+            self._lookup = (full, rel, entries)
+        full, rel, entries = self._lookup
+
+        def answer(i: int) -> tuple[int | None, str | None]:
+            return (i, None) if i < len(self) else (None, "a track of the dataset that has no finite embedding "
+                                                    "(not indexed; extract it again)")
         p = os.fspath(path)
-        for cand in (os.path.abspath(p), os.path.realpath(p)):
-            if cand in full:
-                return full[cand]
-        hits = rel.get(os.path.normpath(p), [])
-        return hits[0] if len(hits) == 1 else None
+        on_disk = os.path.exists(p)
+        cands = (os.path.abspath(p), os.path.realpath(p)) if on_disk else (os.path.abspath(p),)
+        for cand in cands:
+            if as_text(cand) in full:
+                return answer(full[as_text(cand)])
+        if on_disk:
+            return None, None
+        hits = rel.get(os.path.normpath(as_text(p)), [])
+        if len(hits) > 1:
+            a, b = (display_path(*entries[i]) for i in hits[:2])
+            return None, (f"ambiguous: {len(hits)} tracks of the dataset have this path, e.g. {a} and {b}; "
+                          "give the whole path")
+        return answer(hits[0]) if hits else (None, None)
 
     def location(self, row: int) -> str:
         """The track's file as found on disk (root joined with path)."""
@@ -316,6 +345,12 @@ def read_manifest(dataset: str | os.PathLike) -> dict | None:
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
+def _unindexed_note(dropped: list[tuple[str, str]]) -> str:
+    n = len(dropped)
+    return (f"{n} track{'s' if n > 1 else ''} of the dataset {'have' if n > 1 else 'has'} no finite embedding and "
+            f"{'are' if n > 1 else 'is'} not indexed (first: {display_path(*dropped[0])})")
+
+
 def _load(dataset: Path, manifest: dict, want_ann: bool) -> TrackIndex:
     """The stored build the manifest names; ValueError (or OSError) when a file is missing or inconsistent."""
     import pyarrow as pa
@@ -333,8 +368,15 @@ def _load(dataset: Path, manifest: dict, want_ann: bool) -> TrackIndex:
     if tracks.num_rows != n or vectors.shape != (n, dim) or (norm.out_dim or manifest["embedding_dim"]) != dim:
         raise ValueError(f"{d}: files of different builds")
     ann = AnnIndex.load(d / files["ann"], n, dim) if want_ann and files.get("ann") else None
+    dropped = []
+    if files.get("dropped"):
+        try:
+            t = pq.read_table(d / files["dropped"], columns=["root", "path"])
+        except pa.ArrowException as e:
+            raise ValueError(str(e)) from None
+        dropped = list(zip(t.column("root").to_pylist(), t.column("path").to_pylist()))
     return TrackIndex(str(dataset), tracks.column("root").to_pylist(), tracks.column("path").to_pylist(), vectors,
-                      norm, ann, manifest)
+                      norm, ann, manifest, notes=[_unindexed_note(dropped)] if dropped else [], dropped=dropped)
 
 
 def open_index(dataset: str | os.PathLike, *, normalisation: str | None = None, dims: int | None = None,
@@ -346,6 +388,8 @@ def open_index(dataset: str | os.PathLike, *, normalisation: str | None = None, 
     never loads it. `normalisation`/`dims`: None keeps the stored choice. `force`: build anew.
     `option`: the command-line option that named the dataset, for the messages."""
     d = Path(dataset)
+    if every_file_failed(d):
+        raise IndexBuildError(f"{d}: every file failed when it was extracted: no track to index (see {d}/_errors)")
     emb = open_embeddings(d, option=option)
     fingerprint = dataset_fingerprint(emb)
     old = read_manifest(d)
@@ -379,40 +423,66 @@ def open_index(dataset: str | os.PathLike, *, normalisation: str | None = None, 
 def build(emb: EmbeddingSet, fingerprint: str, normalisation: str, dims: int | None, with_ann: bool,
           log: Log | None = None, **ann_params) -> TrackIndex:
     """Read the tracks' mean embeddings, fit the normalisation and store the index (in memory
-    only when the dataset folder cannot be written)."""
+    only when the dataset folder cannot be written). The normalised vectors are written a chunk
+    at a time into the memory-mapped file that becomes the index's, so memory holds the matrix once."""
     t0 = time.perf_counter()
     tracks = np.arange(len(emb.paths))
     x = emb.matrix(tracks)
     ok = np.isfinite(x).all(1)
-    tracks, x = tracks[ok], x[ok]
+    if not ok.all():  # copied only when tracks are left out
+        tracks, x = tracks[ok], x[ok]
     if not len(tracks):
         raise IndexBuildError(f"{emb.directory}: no track has an embedding to index")
+    dropped = [(emb.roots[i], emb.paths[i]) for i in np.flatnonzero(~ok)]
     norm = fit_normalisation(x, normalisation, dims)
-    vectors = norm.apply(x)
-    del x
-    if vectors.nbytes > FP16_ABOVE_BYTES:
-        vectors = vectors.astype(np.float16)
-    roots, paths = [emb.roots[i] for i in tracks], [emb.paths[i] for i in tracks]
-    manifest = {"format": FORMAT, "dataset": os.path.abspath(emb.directory), "fingerprint": fingerprint,
-                "parts": len(emb.files), "tracks": len(paths), "dim": int(vectors.shape[1]),
-                "embedding_dim": emb.dim, "dtype": str(vectors.dtype),
-                "normalisation": {"requested": normalisation, "kind": norm.kind, "dims": dims,
-                                  "out_dim": norm.out_dim},
-                "embeddings": {k: emb.metadata.get(k) for k in ("model", "preset", "block", "tokens", "hop")},
-                "files": {}, "ann": None, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    idx = TrackIndex(emb.directory, roots, paths, vectors, norm, None, manifest, stored=False)
-    if with_ann:
-        _attach_ann(idx, **ann_params)
-    manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+    shape = (len(x), norm.out_dim or x.shape[1])
+    dtype = np.float16 if shape[0] * shape[1] * 4 > FP16_ABOVE_BYTES else np.float32
+    vectors, staging = _vectors_file(index_dir(emb.directory), shape, dtype)
     try:
-        _store(Path(emb.directory), idx)
-    except OSError as e:
-        note = (f"{emb.directory}/{INDEX_DIR}: cannot be written ({e.strerror or e}); searching with an index "
-                "built in memory")
-        idx.notes.append(note)
-        if log:
-            log(f"maest: warning: {note}")
-    return idx
+        norm.apply(x, out=vectors)
+        del x
+        if isinstance(vectors, np.memmap):
+            vectors.flush()
+        roots, paths = [emb.roots[i] for i in tracks], [emb.paths[i] for i in tracks]
+        manifest = {"format": FORMAT, "dataset": os.path.abspath(emb.directory), "fingerprint": fingerprint,
+                    "parts": len(emb.files), "tracks": len(paths), "dim": int(vectors.shape[1]),
+                    "embedding_dim": emb.dim, "dtype": str(vectors.dtype),
+                    "normalisation": {"requested": normalisation, "kind": norm.kind, "dims": dims,
+                                      "out_dim": norm.out_dim},
+                    "embeddings": {k: emb.metadata.get(k) for k in ("model", "preset", "block", "tokens", "hop")},
+                    "files": {}, "ann": None, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        notes = [_unindexed_note(dropped)] if dropped else []
+        if dropped:
+            manifest["notes"] = notes
+        idx = TrackIndex(emb.directory, roots, paths, vectors, norm, None, manifest, stored=False,
+                         notes=list(notes), dropped=dropped)
+        if with_ann:
+            _attach_ann(idx, **ann_params)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+        try:
+            _store(Path(emb.directory), idx, vectors_file=staging)
+        except OSError as e:
+            note = (f"{emb.directory}/{INDEX_DIR}: cannot be written ({e.strerror or e}); searching with an index "
+                    "built in memory")
+            idx.notes.append(note)
+            if log:
+                log(f"maest: warning: {note}")
+        return idx
+    finally:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+
+
+def _vectors_file(d: Path, shape: tuple[int, int], dtype) -> tuple[np.ndarray, Path | None]:
+    """A memory-mapped .npy in the index folder for the normalised vectors (moved into place by
+    _store), or an array in memory when the folder cannot be written."""
+    staging = d / f".vectors-{secrets.token_hex(4)}.npy.tmp"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape), staging
+    except OSError:
+        staging.unlink(missing_ok=True)
+        return np.empty(shape, dtype), None
 
 
 def _attach_ann(idx: TrackIndex, **ann_params) -> None:
@@ -444,8 +514,9 @@ def _locked(d: Path):
         os.close(fd)
 
 
-def _store(dataset: Path, idx: TrackIndex, ann_only: bool = False) -> None:
-    """Write the build's files under a new id, then the manifest, then remove other builds' files."""
+def _store(dataset: Path, idx: TrackIndex, ann_only: bool = False, vectors_file: Path | None = None) -> None:
+    """Write the build's files under a new id, then the manifest, then remove other builds' files.
+    `vectors_file`: a .npy already holding idx.vectors (in the index folder), moved into place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -460,8 +531,17 @@ def _store(dataset: Path, idx: TrackIndex, ann_only: bool = False) -> None:
             with atomic_path(d / files["tracks"]) as tmp, open(tmp, "wb") as f:
                 pq.write_table(pa.table({"root": pa.array(idx.roots, pa.string()),
                                          "path": pa.array(idx.paths, pa.string())}), f)
-            with atomic_path(d / files["vectors"]) as tmp, open(tmp, "wb") as f:
-                np.save(f, np.asarray(idx.vectors), allow_pickle=False)
+            with atomic_path(d / files["vectors"]) as tmp:
+                if vectors_file is not None:
+                    os.replace(vectors_file, tmp)
+                else:
+                    with open(tmp, "wb") as f:
+                        np.save(f, np.asarray(idx.vectors), allow_pickle=False)
+            if idx.dropped:
+                files["dropped"] = f"dropped-{build_id}.parquet"
+                with atomic_path(d / files["dropped"]) as tmp, open(tmp, "wb") as f:
+                    pq.write_table(pa.table({"root": pa.array([r for r, _ in idx.dropped], pa.string()),
+                                             "path": pa.array([p for _, p in idx.dropped], pa.string())}), f)
             idx.normalisation.save(d / files["normalisation"])
         if idx.ann is not None:
             files["ann"] = f"ann-{build_id}.usearch"
@@ -471,7 +551,7 @@ def _store(dataset: Path, idx: TrackIndex, ann_only: bool = False) -> None:
         idx.stored = True
         keep = set(files.values())
         for p in d.iterdir():
-            if p.name not in keep and p.name.split("-", 1)[0] in ("tracks", "vectors", "norm", "ann"):
+            if p.name not in keep and p.name.split("-", 1)[0] in ("tracks", "vectors", "norm", "ann", "dropped"):
                 p.unlink(missing_ok=True)
     if not ann_only:  # search the stored copy (memory-mapped), not the build's arrays
         idx.vectors = np.load(d / files["vectors"], mmap_mode="r", allow_pickle=False)

@@ -9,8 +9,6 @@ memory-mapped matrix, or the ANN index when `maest index build` made one.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -19,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maest_cli.catalogue.cached import cached_extract
+from maest_cli.audio.walk import as_text, find_audio_files
+from maest_cli.catalogue.cached import cache_folder, cached_extract, split_spec_fields
 from maest_cli.catalogue.index import (
     NORMALISATIONS,
     Log,
@@ -27,17 +26,20 @@ from maest_cli.catalogue.index import (
     index_dir,
     open_index,
 )
+from maest_cli.catalogue.tables import write_csv
 from maest_cli.embed.reading import open_embeddings
 from maest_cli.embed.spec import InferenceSpec
-from maest_cli.embed.store import read_errors, read_metadata
+from maest_cli.embed.store import PART_GLOB, read_errors, read_metadata
 from maest_cli.errors import UsageError
 
-FORMATS = ("table", "csv", "json")
 # cosine (after each normalisation) from which two tracks are reported as the same recording:
 # from the distributions of re-encoded copies, other renderings and distinct pieces (README)
 DUPLICATE_THRESHOLDS = {"raw": 0.997, "centred": 0.995, "whitened": 0.95}
 DUPLICATE_NEIGHBOURS = 10
 DUPLICATE_QUERY_ROWS = 256  # tracks searched at a time
+# --duplicates on a larger dataset without an ANN index builds one: the exact k-NN of every track
+# costs n² products (4e8 at 20 000 tracks, seconds; growing a hundredfold per tenfold tracks)
+DUPLICATE_ANN_ABOVE = 20_000
 # what must agree between the dataset and a query's embedding for the two to be comparable
 COMPARABLE = ("block", "tokens", "embedding_dim")
 
@@ -87,7 +89,7 @@ class SimilarTable:
                 for r in self.results for n in r.neighbours]
 
     def to_csv(self) -> str:
-        return _csv(self.rows(), ("query", "source", "rank", "path", "similarity"))
+        return write_csv(self.rows(), ("query", "source", "rank", "path", "similarity"))
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "k": self.k, "search": self.search, "normalisation": self.normalisation,
@@ -123,7 +125,7 @@ class DuplicateTable:
         return [asdict(p) for p in self.pairs]
 
     def to_csv(self) -> str:
-        return _csv(self.rows(), ("a", "b", "similarity"))
+        return write_csv(self.rows(), ("a", "b", "similarity"))
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "threshold": self.threshold, "search": self.search,
@@ -131,15 +133,6 @@ class DuplicateTable:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, ensure_ascii=False)
-
-
-def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, columns, lineterminator="\n")
-    w.writeheader()
-    for r in rows:  # repr: the float exactly, as the JSON has it
-        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ the dataset's spec
@@ -200,31 +193,33 @@ def similar(queries, dataset, *, k: int = 10, exact: bool = False, device: str =
     failures: dict[int, QueryFailure] = {}
     audio: dict[int, str] = {}
     for i, q in enumerate(queries):
-        row = idx.locate(q)
+        row, reason = idx.lookup(q)
         if row is not None:
             found[i], sources[i] = np.asarray(idx.vectors[row], np.float32), "dataset"
+        elif reason is not None:
+            failures[i] = QueryFailure(as_text(os.fspath(q)), reason)
         elif not os.path.lexists(q):
-            failures[i] = QueryFailure(str(q), "no such file, and not a path in the dataset")
+            failures[i] = QueryFailure(as_text(os.fspath(q)), "no such file, and not a path in the dataset")
         elif os.path.isdir(q):
-            failures[i] = QueryFailure(str(q), "a directory; give audio files or paths in the dataset")
+            failures[i] = QueryFailure(as_text(os.fspath(q)), "a directory; give audio files or paths in the dataset")
         else:
-            audio[i] = os.path.abspath(os.fspath(q))
+            audio[i] = os.fspath(q)
     notes = list(idx.notes)
     if audio:
-        vectors, failed, embed_notes = _embed(list(audio.values()), dataset, idx, device, dtype, engine,
-                                              cache_root, progress, run_options)
-        notes += embed_notes
-        for i, p in audio.items():
-            if p in vectors:
-                found[i], sources[i] = vectors[p], "audio"
+        vectors, failed, embed_notes = _embed(audio, dataset, idx, device, dtype, engine, cache_root, progress,
+                                              run_options)
+        notes += [n for n in dict.fromkeys(embed_notes) if n not in notes]
+        for i in audio:
+            if i in vectors:
+                found[i], sources[i] = vectors[i], "audio"
             else:
-                failures[i] = QueryFailure(str(queries[i]), failed.get(p, "not embedded"))
+                failures[i] = QueryFailure(as_text(audio[i]), failed[i])
     order = sorted(found)
     results = []
     if order:
         rows, sims = idx.search(np.stack([found[i] for i in order]), k, exact=exact)
         for i, r, s in zip(order, rows, sims):
-            results.append(QueryResult(str(queries[i]), sources[i], [
+            results.append(QueryResult(as_text(os.fspath(queries[i])), sources[i], [
                 Neighbour(rank + 1, idx.location(int(row)), float(sim))
                 for rank, (row, sim) in enumerate(zip(r, s)) if row >= 0]))
     return SimilarTable(str(dataset), results, [failures[i] for i in sorted(failures)], k,
@@ -240,29 +235,71 @@ def _open(dataset, log: Log | None, option: str = "--dataset ", **index_options)
     return open_index(d, log=log, option=option.strip(), **index_options)
 
 
-def _embed(paths: list[str], dataset, idx: TrackIndex, device: str, dtype: str, engine: str, cache_root,
-           progress: bool, run_options: dict) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
-    """Embed audio files as the dataset was: ({path: normalised vector}, {path: why it failed}, notes)."""
+def _embed(queries: dict[int, str], dataset, idx: TrackIndex, device: str, dtype: str, engine: str, cache_root,
+           progress: bool, run_options: dict) -> tuple[dict[int, np.ndarray], dict[int, str], list[str]]:
+    """Embed audio files as the dataset was: ({query: normalised vector}, {query: why it failed},
+    notes). Each file has its own cache folder, named by its path, size and modification time
+    (catalogue.cached): asking again reuses it without loading the model, a file replaced under its
+    name is embedded again. Queries that are one file (hard links) are embedded once."""
     meta = read_metadata(dataset)
-    spec = dataset_spec(meta, device=device, dtype=dtype, engine=engine)
-    out, summary = cached_extract(paths, spec, cache_root=cache_root, progress=progress,
-                                  **{"workers": 0, **run_options})
-    failed = {os.path.join(r["root"], r["path"]) if r["path"] != "." else r["root"]: r["reason"]
-              for r in read_errors(out).to_pylist()}
-    vectors: dict[str, np.ndarray] = {}
-    if summary.n_done + summary.n_skipped:
-        _check_comparable(str(dataset), meta, read_metadata(out))
-        emb = open_embeddings(out)
-        x = emb.matrix(np.arange(len(emb.paths)))
-        if x.shape[1] != idx.manifest["embedding_dim"]:
-            raise UsageError(f"{dataset}: queries have {x.shape[1]} values per embedding, the dataset "
-                             f"{idx.manifest['embedding_dim']}")
-        ok = np.isfinite(x).all(1)
-        normalised = idx.normalisation.apply(np.where(ok[:, None], x, 0))
-        for j, (root, p) in enumerate(zip(emb.roots, emb.paths)):
-            if ok[j]:
-                vectors[os.path.join(root, p)] = normalised[j]
-    return vectors, failed, list(summary.warnings)
+    spec, run_options = split_spec_fields(dataset_spec(meta, device=device, dtype=dtype, engine=engine), run_options)
+    first: dict[tuple[int, int], int] = {}
+    same: dict[int, int] = {}
+    for i, q in queries.items():
+        try:
+            st = os.stat(q)
+            same[i] = first.setdefault((st.st_dev, st.st_ino), i)
+        except (OSError, ValueError):  # a dangling link: extract says why
+            same[i] = i
+    vectors: dict[int, np.ndarray] = {}
+    failed: dict[int, str] = {}
+    notes: list[str] = []
+    for i in sorted(set(same.values())):
+        (f,), _ = find_audio_files([queries[i]])  # a file named is always taken; f.key: as extract records it
+        out = cache_folder([queries[i]], spec, cache_root)
+        v, why = _stored_query(out, f.key, dataset, meta, idx, check=False)
+        if v is None:
+            out, summary = cached_extract([queries[i]], spec, cache_root=cache_root, progress=progress,
+                                          **{"workers": 0, **run_options})
+            notes += summary.warnings
+            errors = {(r["root"], r["path"]): r["reason"] for r in read_errors(out).to_pylist()}
+            v, why = _stored_query(out, f.key, dataset, meta, idx, check=True)
+            why = errors.get(f.key, why)
+        if v is not None:
+            vectors[i] = v
+        else:
+            failed[i] = why
+    for i, j in same.items():
+        if i != j:
+            if j in vectors:
+                vectors[i] = vectors[j]
+            else:
+                failed[i] = failed[j]
+    return vectors, failed, notes
+
+
+def _stored_query(out: Path, key: tuple[str, str], dataset, meta: dict, idx: TrackIndex, check: bool
+                  ) -> tuple[np.ndarray | None, str]:
+    """(normalised vector, "") of file `key` in the query cache folder `out`, or (None, why not).
+    `check`: the folder must have been made like the dataset (else a UsageError); without it, a
+    folder of other weights is passed over (extract redoes it)."""
+    if not any(out.glob(PART_GLOB)):
+        return None, "it could not be embedded (no embedding was written)"
+    made = read_metadata(out)
+    if not check and (made.get("model") or {}).get("sha256") != (meta.get("model") or {}).get("sha256"):
+        return None, ""
+    _check_comparable(str(dataset), meta, made)
+    emb = open_embeddings(out)
+    rows = [j for j, k in enumerate(zip(emb.roots, emb.paths)) if k == key]
+    if not rows:
+        return None, "it could not be embedded (no embedding was written)"
+    x = emb.matrix(np.asarray(rows[:1]))
+    if x.shape[1] != idx.manifest["embedding_dim"]:
+        raise UsageError(f"{dataset}: queries have {x.shape[1]} values per embedding, the dataset "
+                         f"{idx.manifest['embedding_dim']}")
+    if not np.isfinite(x).all():
+        return None, "its embedding has non-finite values (the model's output overflowed?)"
+    return idx.normalisation.apply(x)[0], ""
 
 
 def find_duplicates(dataset, *, threshold: float | None = None, neighbours: int = DUPLICATE_NEIGHBOURS,
@@ -276,6 +313,11 @@ def find_duplicates(dataset, *, threshold: float | None = None, neighbours: int 
     if int(neighbours) < 1:
         raise UsageError("neighbours must be >= 1")
     idx = _open(dataset, log)
+    if idx.ann is None and not exact and len(idx) > DUPLICATE_ANN_ABOVE:
+        if log:
+            log(f"maest: {dataset}: {len(idx)} tracks and no approximate index: building one for --duplicates "
+                "(as `maest index build` does; --exact compares every track instead)")
+        idx = _open(dataset, log, ann=True)
     limit = DUPLICATE_THRESHOLDS[idx.normalisation.kind] if threshold is None else float(threshold)
     found_a, found_b, found_s = [], [], []
     for start in range(0, len(idx), DUPLICATE_QUERY_ROWS):

@@ -12,8 +12,6 @@ tags) are split in two, and each track also gets a summary per group: the group'
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,16 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from maest_cli.audio.walk import find_audio_files
-from maest_cli.catalogue.cached import STALE_CACHE, cached_extract, split_spec_fields
-from maest_cli.embed.extraction import ExtractSummary, extract
-from maest_cli.embed.reading import open_embeddings
+from maest_cli.catalogue.cached import STALE_CACHE, cached_extract, every_file_failed, split_spec_fields
+from maest_cli.catalogue.tables import write_csv
+from maest_cli.embed.extraction import ExtractSummary, display_path, extract
+from maest_cli.embed.reading import describe_embeddings, open_embeddings
 from maest_cli.embed.spec import InferenceSpec
-from maest_cli.embed.store import MANIFEST, PART_GLOB, read_errors, read_metadata
+from maest_cli.embed.store import read_errors, read_metadata
 from maest_cli.errors import UsageError
 from maest_cli.io.download import cache_dir
 from maest_cli.models.registry import load_model
 
-FORMATS = ("table", "csv", "json")
 # (separator, what the part before it is, what the part after it is)
 LABEL_STYLES = (("---", "genre", "style"), (":", "facet", "value"))
 CSV_COLUMNS = ("path", "kind", "rank", "label", "group", "name", "activation")
@@ -92,12 +90,7 @@ class TagTable:
         return out
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in self.rows():  # repr: the float32 value exactly, as in the table and the JSON
-            w.writerow({**r, "group": "" if r["group"] is None else r["group"], "activation": repr(r["activation"])})
-        return buf.getvalue()
+        return write_csv(self.rows(), CSV_COLUMNS)
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "model": self.model, "group_title": self.group_title,
@@ -199,14 +192,14 @@ def _check_labels(spec: InferenceSpec, registry, progress: bool) -> None:
 
 def _tag_dataset(directory: Path, top: int, threshold: float, found, summary: ExtractSummary | None,
                  shown: bool) -> TagTable:
-    if directory.is_dir() and (directory / MANIFEST).is_file() and not any(directory.glob(PART_GLOB)):
-        es, meta = None, read_metadata(directory)  # an extract dataset whose every file failed
+    if every_file_failed(directory):
+        es, meta = None, read_metadata(directory)
     else:
         es = open_embeddings(directory, option="--from")
         meta = es.metadata
     scores_meta = meta.get("scores") or {}
     labels = scores_meta.get("labels")
-    model = describe_model(meta)
+    model = describe_embeddings(meta)["model"]
     if not scores_meta:
         raise UsageError(f"{directory}: the dataset has no scores (label activations); extract it with --scores, "
                          "or tag the audio files themselves")
@@ -217,14 +210,14 @@ def _tag_dataset(directory: Path, top: int, threshold: float, found, summary: Ex
     means = es.matrix(np.arange(len(keys)), column="scores", width=len(labels)) if es is not None else None
     sep, group_title, name_title = label_style(labels)
 
-    failures = [TagFailure(_where(r["root"], r["path"]), r["stage"], r["reason"])
+    failures = [TagFailure(display_path(r["root"], r["path"]), r["stage"], r["reason"])
                 for r in read_errors(directory).to_pylist()]
     failed, n_recorded = {f.path for f in failures}, len(failures)
     index = {k: i for i, k in enumerate(keys)}
     if found is None:  # the whole dataset
-        wanted = [(i, _where(*k)) for i, k in enumerate(keys)]
+        wanted = [(i, display_path(*k)) for i, k in enumerate(keys)]
     else:  # the files found under the inputs now (a cached dataset may hold files deleted since)
-        wanted = [(index.get(f.key), _where(*f.key)) for f in found]
+        wanted = [(index.get(f.key), display_path(*f.key)) for f in found]
     tracks = []
     for i, where in wanted:
         if i is None or not np.isfinite(means[i]).all():  # no rows with scores
@@ -239,11 +232,3 @@ def _tag_dataset(directory: Path, top: int, threshold: float, found, summary: Ex
                     warnings + (es.notes if es else []), summary=summary,
                     failures_shown=n_recorded if shown and summary is not None else 0)
 
-
-def describe_model(meta: dict) -> str | None:
-    m = meta.get("model")
-    return (m.get("name") or m.get("path")) if isinstance(m, dict) else m
-
-
-def _where(root: str, path: str) -> str:
-    return root if path == "." else os.path.join(root, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -27,6 +28,12 @@ def stdout_console(piped_width: int = 200) -> Console:
 
 def stderr_console(piped_width: int = 200) -> Console:
     return Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else piped_width)
+
+
+def shown_path(path: str) -> str:
+    """A path relative to the working directory when it is under it, else as it is."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def names(text: str | None) -> tuple[str, ...] | None:

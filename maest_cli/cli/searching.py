@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from maest_cli.cli.output import note, print_error
+from maest_cli.cli.output import note, print_error, shown_path
 
 index_app = typer.Typer(help="The search index of an extract dataset (for `maest similar`).", no_args_is_help=True)
 
@@ -32,9 +31,10 @@ def similar_command(
 ) -> None:
     """The tracks of a dataset most similar to each query (cosine after the index's normalisation)."""
     from maest_cli.catalogue import similarity
+    from maest_cli.catalogue.tables import FORMATS
     from maest_cli.errors import UsageError
 
-    if fmt not in similarity.FORMATS:
+    if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose table, csv or json")
     if duplicates:
         if queries:
@@ -61,19 +61,13 @@ def similar_command(
         raise typer.Exit(table.exit_code)
 
 
-def _shown(path: str) -> str:
-    """A path relative to the working directory when it is under it."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
 def print_similar(table) -> None:
     """Per query: rank, cosine and path of its nearest tracks (paths whole, never cut)."""
     for r in table.results:
-        print(f"{_shown(r.query)}  ({'in the dataset' if r.source == 'dataset' else 'embedded'}; "
+        print(f"{shown_path(r.query)}  ({'in the dataset' if r.source == 'dataset' else 'embedded'}; "
               f"{table.search} search over {table.tracks} tracks, {table.normalisation} cosine)")
         for n in r.neighbours:
-            print(f"  {n.rank:>3}  {n.similarity:7.4f}  {_shown(n.path)}")
+            print(f"  {n.rank:>3}  {n.similarity:7.4f}  {shown_path(n.path)}")
         print()
 
 
@@ -81,7 +75,7 @@ def print_duplicates(table) -> None:
     print(f"{len(table.pairs)} pairs at cosine >= {table.threshold} ({table.normalisation}) among {table.tracks} "
           f"tracks, {table.search} search")
     for p in table.pairs:
-        print(f"  {p.similarity:7.4f}  {_shown(p.a)}  =  {_shown(p.b)}")
+        print(f"  {p.similarity:7.4f}  {shown_path(p.a)}  =  {shown_path(p.b)}")
 
 
 @index_app.command("build")

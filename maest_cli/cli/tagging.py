@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from maest_cli.cli.output import note, print_error, stdout_console
+from maest_cli.cli.output import note, print_error, shown_path, stdout_console
 
 
 def tag_command(
@@ -37,7 +36,8 @@ def tag_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (failed files are still listed)."),
 ) -> None:
     """Tag audio by name: each track's strongest labels (Discogs: style and genre, and a genre summary)."""
-    from maest_cli.catalogue.tags import FORMATS, tag
+    from maest_cli.catalogue.tables import FORMATS
+    from maest_cli.catalogue.tags import tag
     from maest_cli.embed.spec import InferenceSpec
     from maest_cli.errors import UsageError
 
@@ -84,8 +84,7 @@ def print_tags(table) -> None:
 
     console = stdout_console()
     for t in table.tracks:
-        shown = os.path.relpath(t.path) if not os.path.relpath(t.path).startswith("..") else t.path
-        grid = Table(title=Text(shown), title_justify="left", box=None, pad_edge=False, padding=(0, 2, 0, 0))
+        grid = Table(title=Text(shown_path(t.path)), title_justify="left", box=None, pad_edge=False, padding=(0, 2, 0, 0))
         grid.add_column(table.name_title)
         if table.group_title:
             grid.add_column(table.group_title)

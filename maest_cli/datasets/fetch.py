@@ -33,6 +33,7 @@ from maest_cli.datasets.layout import (
     default_root,
     download_command,
     locate,
+    mtt_clip_paths,
     read_manifest,
 )
 from maest_cli.errors import MaestError, UsageError
@@ -49,6 +50,7 @@ from maest_cli.io.download import (
 
 MIRROR_ENV = "MAEST_DATASETS_MIRROR"
 DOWNLOADS = "downloads"  # archives wait here (ROOT/NAME/downloads) until they are unpacked
+UNPACKED_PER_PART = 1.1  # MTT's unpacked mp3s per byte of zip: deflate barely shrinks mp3, a tenth to spare
 
 
 class DatasetCorrupt(MaestError):
@@ -214,6 +216,12 @@ class _Job:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.folder / MANIFEST, m)
 
+    def drop_archives(self, paths: list[Path]) -> None:
+        """Delete archives whose contents the saved manifest records as unpacked (unless --keep-archives)."""
+        if not self.keep:
+            for p in paths:
+                p.unlink(missing_ok=True)
+
     def need_network(self) -> None:
         if offline():
             raise NetworkDisabled(f"{self.key}: files must be downloaded but MAEST_OFFLINE is set; unset it and run "
@@ -243,18 +251,24 @@ class _Job:
         audio = self.folder / "audio"
         if m.get("audio", {}).get("unpacked") and ann.is_file() and audio.is_dir():
             self.summary.already_complete = True
+            self.drop_archives([self.folder / DOWNLOADS / p for p in src["parts"]])  # left by a kill after the save
             return
         m.setdefault("source", {"base_url": src["base_url"], "page": src["page"]})
         files = m.setdefault("files", {})
         nohash = "MagnaTagATune publishes no checksums: sha256 recorded at download"
         self.fetch_small(f"{src['base_url']}/{src['annotations']}", ann, files, src["annotations"], nohash)
-        _check_mtt_annotations(ann)
+        try:
+            _check_mtt_annotations(ann, int(src["clips"]))
+        except DatasetCorrupt:
+            files.pop(src["annotations"], None)
+            self.save()
+            raise
         self.save()
         dl = self.folder / DOWNLOADS
         parts = [dl / p for p in src["parts"]]
         for attempt in (1, 2):
-            for p in parts:
-                self._mtt_part(p, files, nohash)
+            for k, p in enumerate(parts):
+                self._mtt_part(p, files, nohash, len(parts) - 1 - k + UNPACKED_PER_PART * len(parts))
             try:
                 infos = zip_members(parts, "mp3.zip.001-003")
                 for info in infos:
@@ -264,8 +278,8 @@ class _Job:
                 check_free_space(self.folder, missing, "unpacking mp3.zip.001-003")
                 counts = unzip_parts(parts, audio, "mp3.zip.001-003", self.progress)
                 break
-            except UnsafeMember:
-                raise
+            except UnsafeMember as e:  # fetching again would not help unless the source changed: the user says
+                raise UnsafeMember(f"{e}; the parts stay in {dl} (delete that folder to fetch them again)") from None
             except ArchiveError as e:
                 if attempt == 2:
                     raise DatasetCorrupt(f"{e} (fetched twice; both copies fail the check)") from None
@@ -273,7 +287,7 @@ class _Job:
                     p.unlink(missing_ok=True)
                     files.pop(p.name, None)
                 self.save()
-        paths = _mtt_paths(ann)
+        paths = mtt_clip_paths(ann)
         found = sum((audio / p).is_file() for p in paths)
         if not found:
             raise DatasetCorrupt(f"mp3.zip.001-003: none of the {len(paths)} mp3_path of {ann.name} is under {audio} "
@@ -284,12 +298,14 @@ class _Job:
         self.summary.unpacked.append("mp3.zip.001-003")
         self.log(f"mtt: mp3.zip.001-003 unpacked, {counts['members']} members CRC-checked, {found} of {len(paths)} "
                  f"annotated clips have audio")
-        self.save()
-        if not self.keep:
-            for p in parts:
-                p.unlink(missing_ok=True)
+        self.save()  # the manifest says unpacked before the archives go: a kill between costs no re-download
+        self.drop_archives(parts)
 
-    def _mtt_part(self, part: Path, files: dict, check: str) -> None:
+    def _mtt_part(self, part: Path, files: dict, check: str, room: float) -> None:
+        """One part of the zip. `room`: how many more part-sizes the disk must hold besides this one,
+        checked once its size is known and before its first byte: the parts still to come (`split`
+        cuts equal parts, the last one smaller) and the unpacked clips (about the whole zip), so a
+        disk too small for the whole is refused before the first part, not after 3 GB."""
         if part.is_file() and part.name in files:
             return
         if part.is_file():  # renamed into place, but the run stopped before the manifest said so
@@ -298,7 +314,7 @@ class _Job:
         else:
             self.need_network()
             url = f"{self.src['base_url']}/{part.name}"
-            digest = self.fetch(url, part, None, 1.0)
+            digest = self.fetch(url, part, None, room)
             files[part.name] = {"url": url, "sha256": digest, "bytes": part.stat().st_size, "check": check}
         self.save()
 
@@ -316,20 +332,43 @@ class _Job:
         q = src["quality"][quality]
         paths = self._metadata_paths(q)
         have_meta = all((meta / p).is_file() and p in m.get("metadata", {}).get("files", {}) for p in paths)
+
+        def downloaded(nn: str) -> Path:
+            return self.folder / DOWNLOADS / q["tar"].format(nn=nn)
+
         if have_meta and all(tars.get(n, {}).get("unpacked") for n in wanted) and audio.is_dir():
             self.summary.already_complete = True
+            self.drop_archives([downloaded(n) for n in wanted])  # left by a kill after the save
             return
         m.update(quality=quality, tars_total=int(src["tars"]))
         md = m.setdefault("metadata", {"repository": "MTG/mtg-jamendo-dataset", "commit": src["commit"],
                                          "files": {}})
         pinned = f"pinned by git commit {src['commit']}; sha256 recorded at download"
-        for p in paths:
-            self.fetch_small(f"{src['metadata_url']}/{p}", meta / p, md["files"], p, pinned)
+        for p in paths:  # one file that fails is reported; the others, and the tars, go on
+            try:
+                self.fetch_small(f"{src['metadata_url']}/{p}", meta / p, md["files"], p, pinned)
+                if p.endswith(".tsv"):
+                    self._check_split_file(meta / p, p, md["files"])
+            except (NetworkDisabled, NoSpaceError):
+                raise
+            except (DownloadError, DatasetCorrupt) as e:
+                self.summary.failed.append(f"metadata {p}: {e}")
         self.save()
-        tar_sha = _sha_list(meta / q["sha256_tars"])
-        track_sha = _sha_list(meta / q["sha256_tracks"])
+        for p in (q["sha256_tars"], q["sha256_tracks"]):
+            if not (meta / p).is_file():
+                why = next((f for f in self.summary.failed if f.startswith(f"metadata {p}: ")), f"metadata {p}: absent")
+                raise DatasetCorrupt(f"{why}; without it no tar can be checked, so none was fetched")
+        try:
+            tar_sha, track_sha = _sha_list(meta / q["sha256_tars"]), _sha_list(meta / q["sha256_tracks"])
+        except DatasetCorrupt:
+            for p in (q["sha256_tars"], q["sha256_tracks"]):  # fetched again by the next run
+                (meta / p).unlink(missing_ok=True)
+                md["files"].pop(p, None)
+            self.save()
+            raise
         for nn in wanted:
             if tars.get(nn, {}).get("unpacked") and (audio / nn).is_dir():
+                self.drop_archives([downloaded(nn)])
                 continue
             name = q["tar"].format(nn=nn)
             if name not in tar_sha:
@@ -343,7 +382,20 @@ class _Job:
             except (DownloadError, ArchiveError, DatasetCorrupt) as e:
                 self.summary.failed.append(str(e))
                 tars.pop(nn, None)
-            self.save()
+                self.save()
+                continue
+            self.save()  # the manifest says unpacked before the tar goes: a kill between costs no re-download
+            self.drop_archives([downloaded(nn)])
+
+    def _check_split_file(self, path: Path, rel: str, record: dict) -> None:
+        """A split file starts with the published header (a link's text or an error page does not)."""
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().rstrip("\r\n")
+        if header != self.src["split_header"]:
+            path.unlink()
+            record.pop(rel, None)
+            raise DatasetCorrupt(f"not an MTG-Jamendo split file (its first line is {header[:60]!r}, not "
+                                 f"{self.src['split_header']!r}); the file was deleted")
 
     def _metadata_paths(self, q: dict) -> list[str]:
         src = self.src
@@ -388,38 +440,42 @@ class _Job:
         absent = sorted(expected - names)
         self.summary.unpacked.append(name)
         self.log(f"mtg-jamendo: {name} verified and unpacked, {n} tracks checked")
-        if not self.keep:
-            path.unlink()
         return {"file": name, "url": url, "sha256": sha, "check": f"sha256 against {q['sha256_tars']}",
                 "tracks": n, "tracks_check": f"sha256 of every track against {q['sha256_tracks']}",
                 "tracks_listed_but_absent": absent, "unpacked": True, "archive_kept": self.keep}
 
 
-def _check_mtt_annotations(path: Path) -> None:
-    """annotations_final.csv is tab-separated with clip_id first and mp3_path last (an HTML error page is not)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline().rstrip("\r\n").split("\t")
+def _check_mtt_annotations(path: Path, clips: int) -> None:
+    """annotations_final.csv is tab-separated with clip_id first and mp3_path last (an HTML error page is
+    not), every line has the header's columns and there are `clips` of them: MTT publishes no checksum,
+    so a transfer cut short (at a line's end or within one) is found here. A bad file is deleted."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    header = lines[0].split("\t") if lines else []
+    rows = [line for line in lines[1:] if line.strip()]
+    problem = None
     if not header or header[0].strip('"') != "clip_id" or header[-1].strip('"') != "mp3_path":
+        problem = "the header does not start with clip_id and end with mp3_path, tab-separated"
+    elif short := next((i for i, line in enumerate(rows, 2) if line.count("\t") != len(header) - 1), None):
+        problem = (f"line {short} has {rows[short - 2].count(chr(9)) + 1} columns, the header {len(header)}: "
+                   f"a truncated download?")
+    elif len(rows) != clips:
+        problem = f"{len(rows)} clips, MagnaTagATune has {clips}: a truncated download?"
+    if problem:
         path.unlink()
-        raise DatasetCorrupt(f"{path.name}: not MagnaTagATune's annotations (the header does not start with clip_id "
-                             f"and end with mp3_path, tab-separated); the file was deleted")
-
-
-def _mtt_paths(path: Path) -> list[str]:
-    """The mp3_path column (the last) of annotations_final.csv."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]
-    return [line.rsplit("\t", 1)[-1].strip().strip('"') for line in lines if line.strip()]
+        raise DatasetCorrupt(f"{path.name}: not MagnaTagATune's annotations ({problem}); the file was deleted, "
+                             f"run the download again")
 
 
 def _sha_list(path: Path) -> dict[str, str]:
     """A published checksum list ('<sha256> <name>' per line) as {name: sha256}."""
     out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         digest, _, name = line.strip().partition(" ")
-        if digest and name:
+        if len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest) and name.strip():
             out[name.strip()] = digest.lower()
     if not out:
-        raise DatasetCorrupt(f"{path}: an empty checksum list")
+        raise DatasetCorrupt(f"{path}: no '<sha256> <name>' line, not a checksum list; it was deleted, run the "
+                             f"download again")
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class Coverage:
     """How much of a dataset's audio is present: `text` for people, the counts for code."""
 
     text: str
-    present: int  # parts present and verified (MTT: the joined zip as 1; MTG-Jamendo: tars)
+    present: int  # parts present and verified (MTT: annotated clips with audio; MTG-Jamendo: tars)
     total: int
     parts: tuple[str, ...] = ()  # which parts ("00", "01", ... for MTG-Jamendo tars)
 
@@ -81,7 +82,7 @@ def download_command(name: str, root: str | Path | None = None) -> str:
     """The command line that fetches `name` into `root` (with --root only when it is not the default)."""
     cmd = f"maest datasets download {canonical_name(name)}"
     if root is not None and Path(root).expanduser().resolve() != default_root().resolve():
-        cmd += f" --root {root}"
+        cmd += f" --root {shlex.quote(str(root))}"  # copy-pastable: a path with spaces stays one argument
     return cmd
 
 
@@ -115,6 +116,12 @@ def tar_numbers_text(parts: list[str] | tuple[str, ...]) -> str:
     return ",".join(runs)
 
 
+def mtt_clip_paths(annotations: Path) -> list[str]:
+    """The mp3_path column (the last) of MagnaTagATune's annotations_final.csv: one clip a line."""
+    lines = annotations.read_text(encoding="utf-8", errors="replace").splitlines()[1:]
+    return [line.rsplit("\t", 1)[-1].strip().strip('"') for line in lines if line.strip()]
+
+
 def locate(name: str, root: str | Path | None = None) -> Located:
     """The downloaded dataset `name` under `root` (default: default_root()), or DatasetMissing naming the fix."""
     key = canonical_name(name)
@@ -130,8 +137,12 @@ def locate(name: str, root: str | Path | None = None) -> Located:
         unpacked = bool(manifest.get("audio", {}).get("unpacked"))
         if not ann.is_file() or not unpacked or not audio.is_dir():
             raise DatasetMissing(f"mtt: the download under {folder} is incomplete; run `{fix}`")
-        cov = Coverage("all of mp3.zip.001-003", 1, 1, ("mp3.zip",))
-        return Located(key, folder, folder, audio, manifest, True, cov)
+        paths = mtt_clip_paths(ann)
+        found = sum((audio / p).is_file() for p in paths)  # MTT's three empty mp3s are files: they count
+        complete = found == len(paths)
+        text = (f"all {len(paths)} annotated clips of mp3.zip.001-003" if complete else
+                f"{found} of the {len(paths)} annotated clips of mp3.zip.001-003 on disk")
+        return Located(key, folder, folder, audio, manifest, complete, Coverage(text, found, len(paths), ("mp3.zip",)))
     quality = manifest.get("quality", "low")
     audio = folder / audio_folder(quality)
     meta = folder / "metadata"

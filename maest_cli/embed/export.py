@@ -15,8 +15,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from maest_cli.audio.frontend import FRONTEND, N_MELS
 from maest_cli.embed.spec import InferenceSpec
 from maest_cli.errors import MaestError, UsageError
 from maest_cli.io.artefacts import atomic_path, tool_versions
-from maest_cli.models.engines import convert_module, no_telemetry, openvino_version, short_version
+from maest_cli.models.engines import convert_module, no_telemetry, openvino_version, save_ir, short_version
 from maest_cli.models.graph import EmbeddingGraph
 from maest_cli.models.presets import load_presets
 
@@ -200,7 +198,7 @@ def _write_openvino(graph: EmbeddingGraph, example: torch.Tensor, meta: dict, pa
     no_telemetry()
     import openvino as ov
 
-    xml, bin_ = paths
+    xml = paths[0]  # its .bin beside it (save_ir)
     model = convert_module(graph, example, dynamic=(0, 1))
     model.inputs[0].get_tensor().set_names({"mel"})
     names = ["embedding", "logits"] if graph.scores else ["embedding"]
@@ -208,30 +206,21 @@ def _write_openvino(graph: EmbeddingGraph, example: torch.Tensor, meta: dict, pa
         out.get_tensor().set_names({name})
     for key, value in meta.items():
         model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["maest", key])
-    # Both files are written in a hidden folder beside xml (same file system), checked, then renamed
-    # through atomic_path: the .bin first, so a new .xml never pairs with an old .bin.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml.name}.tmp", dir=xml.parent))
-    try:
-        tmp_xml = tmp_dir / "model.xml"
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-        tmp_bin = tmp_xml.with_suffix(".bin")
-        report = {"engine": None}
-        if check:
-            core = ov.Core()
-            compiled = core.compile_model(core.read_model(str(tmp_xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    if not check:
+        save_ir(model, xml)
+        return {"engine": None}
 
-            def run(mel):
-                res = compiled({"mel": mel})
-                return [res[name] for name in names]
+    def compare(saved_xml: Path) -> dict:
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(saved_xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
-            report = {"engine": f"openvino {short_version(openvino_version())}",
-                      **_compare(graph, run)}
-        with atomic_path(xml) as tx, atomic_path(bin_) as tb:  # the inner one (.bin) is renamed first
-            os.replace(tmp_bin, tb)
-            os.replace(tmp_xml, tx)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return report
+        def run(mel):
+            res = compiled({"mel": mel})
+            return [res[name] for name in names]
+
+        return {"engine": f"openvino {short_version(openvino_version())}", **_compare(graph, run)}
+
+    return save_ir(model, xml, check=compare)
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict:

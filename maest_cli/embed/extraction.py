@@ -139,7 +139,8 @@ def rows_table(schema, f: FoundFile, st: FileRows, pool: str):
 
 # ------------------------------------------------------------------ progress
 
-def _where(root: str, path: str) -> str:
+def display_path(root: str, path: str) -> str:
+    """A file of a dataset as a path: its root joined with its path (the root alone for a file given by name)."""
     return root if path == "." else os.path.join(root, path)
 
 
@@ -326,10 +327,10 @@ def extract(paths, out, spec: InferenceSpec | None = None, *, workers=1, batch_s
             if p.failed:
                 store.record_error(p.root, p.path, "walk", p.reason)
                 summary.n_failed += 1
-                display.say(f"maest: error: {_where(p.root, p.path)}: {p.reason} (stage: walk)")
+                display.say(f"maest: error: {display_path(p.root, p.path)}: {p.reason} (stage: walk)")
             else:
-                summary.warnings.append(f"{_where(p.root, p.path)}: {p.reason}")
-                display.say(f"maest: warning: {_where(p.root, p.path)}: {p.reason}")
+                summary.warnings.append(f"{display_path(p.root, p.path)}: {p.reason}")
+                display.say(f"maest: warning: {display_path(p.root, p.path)}: {p.reason}")
         if todo:
             tasks = [(i, f.full_path) for i, f in enumerate(todo)]
             if int(workers) == 0:

@@ -147,6 +147,25 @@ def openvino_compile(model, dtype: str, threads: int):
     return ov.Core().compile_model(model, "CPU", config)
 
 
+def save_ir(model, xml: Path, check: Callable[[Path], object] | None = None):
+    """Write an openvino.Model as XML and its .bin beside it, atomically: both are saved in a hidden
+    folder beside `xml` (same file system), `check(saved_xml)` runs on them (its result is returned),
+    then they are renamed, the .bin first, so a new .xml never pairs with an old .bin."""
+    import openvino as ov
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{xml.name}.tmp", dir=xml.parent))
+    try:
+        tmp_xml = tmp_dir / "model.xml"
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        result = check(tmp_xml) if check is not None else None
+        with atomic_path(xml) as tx, atomic_path(xml.with_suffix(".bin")) as tb:  # the inner one is renamed first
+            os.replace(tmp_xml.with_suffix(".bin"), tb)
+            os.replace(tmp_xml, tx)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return result
+
+
 class ModelCache:
     """Converted models in the user cache (cache_dir()/openvino/KEY/): model.xml and model.bin,
     then manifest.json with their sha256, written last. An entry whose manifest, files or
@@ -178,18 +197,11 @@ class ModelCache:
 
     def save(self, model) -> None:
         """Atomically, file by file, the manifest last; a cache that cannot be written is skipped."""
-        import openvino as ov
-
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.manifest.unlink(missing_ok=True)
-            with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
-                ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
-                hashes = {}
-                for name in ("model.bin", "model.xml"):
-                    with atomic_path(self.dir / name) as target:
-                        os.replace(Path(tmp) / name, target)
-                    hashes[name] = sha256_file(self.dir / name)
+            save_ir(model, self.dir / "model.xml")
+            hashes = {name: sha256_file(self.dir / name) for name in ("model.bin", "model.xml")}
             write_atomic(self.manifest, json.dumps({"key": self.key, "sha256": hashes}, indent=1))
         except (OSError, RuntimeError):  # disk full, read-only cache: the run goes on uncached
             shutil.rmtree(self.dir, ignore_errors=True)

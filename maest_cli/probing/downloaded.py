@@ -61,12 +61,15 @@ class Downloaded:
     downloaded: dict[str, int]  # per split, audio present
 
 
-def downloaded_part(ann: Annotations, audio_root: Path) -> Downloaded:
+def downloaded_part(ann: Annotations, audio_root: Path, folders: tuple[str, ...] | None = None) -> Downloaded:
     """`ann` restricted to the tracks with an audio file under AUDIO_ROOT (matched by
-    `audio_key`, so `48/948.mp3` in a split file finds `48/948.low.mp3`)."""
+    `audio_key`, so `48/948.mp3` in a split file finds `48/948.low.mp3`) and, when `folders` is
+    given (MTG-Jamendo: the tars the manifest records as verified), in one of those folders: the
+    tracks of a tar whose unpacking was killed are not counted as downloaded."""
     files, _ = find_audio_files([audio_root])
     present = {audio_key(f.path) for f in files}
-    keep = np.fromiter((audio_key(p) in present for p in ann.paths), bool, len(ann.paths))
+    keep = np.fromiter((audio_key(p) in present and (folders is None or p.split("/")[0] in folders)
+                        for p in ann.paths), bool, len(ann.paths))
     counts = ann.counts()
     if not keep.any():
         raise UsageError(f"{audio_root}: none of the {len(ann.paths)} labelled tracks of {ann.dataset} has its "

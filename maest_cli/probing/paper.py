@@ -42,9 +42,31 @@ def paper_model_name(model: str | None, sha256: str | None, registry) -> str | N
     return None
 
 
-def paper_rows(dataset: str, model_name: str | None) -> dict:
+def protocol_differences(split: int | None, grid: str | None, spec) -> list[str]:
+    """How a run's settings differ from those the table was made with ([settings] of the file):
+    one phrase each, e.g. "grid quick (the paper's: paper)"; [] for the paper's protocol.
+    `spec`: the InferenceSpec the embeddings were made with (None: extract's defaults)."""
+    want = paper_results().get("settings", {})
+    have = {"split": 0 if split is None else split, "grid": grid}
+    if spec is not None:
+        overridden = spec.time_keep_every is not None or spec.drop_freq_rows is not None
+        have.update(preset=f"{spec.preset} with overrides" if overridden else spec.preset, tokens=list(spec.tokens),
+                    hop=spec.hop, block=want.get("block") if spec.block is None else spec.block)
+    def show(v):
+        return ",".join(v) if isinstance(v, list) else v
+
+    out = []
+    for key, value in have.items():
+        if key in want and value is not None and value != want[key]:
+            out.append(f"{'patchout' if key == 'preset' else key} {show(value)} (the paper's: {show(want[key])})")
+    return out
+
+
+def paper_rows(dataset: str, model_name: str | None, split: int | None = None, grid: str | None = None,
+               spec=None) -> dict:
     """What results.json records under "paper": the table's source, the row of `model_name` on
-    `dataset` (None when the paper has none, with the reason) and the baselines' rows."""
+    `dataset` (None when the paper has none, with the reason), the baselines' rows, and how this
+    run's split, grid and embedding settings differ from the paper's (`protocol_differences`)."""
     data = paper_results()
     row = (data.get("models", {}).get(model_name) or {}) if model_name else {}
     cell = row.get(dataset)
@@ -60,4 +82,5 @@ def paper_rows(dataset: str, model_name: str | None) -> dict:
                  for name, b in data.get("baselines", {}).items() if dataset in b]
     return {"source": data.get("source", ""), "dataset": dataset, "model": model_name,
             "row": {"label": row.get("label", model_name), **cell} if cell is not None else None,
-            "no_row_reason": why, "baselines": baselines}
+            "no_row_reason": why, "baselines": baselines,
+            "protocol_differences": protocol_differences(split, grid, spec)}

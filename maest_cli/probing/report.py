@@ -142,6 +142,9 @@ def paper_lines(results: dict) -> list[str]:
     lines += [f"  {name:<{width}}  {score}" for name, score in rows]
     if not paper.get("row"):
         lines.append(f"  no published row for {results.get('model')} on {paper['dataset']}: {paper['no_row_reason']}")
+    if paper.get("protocol_differences"):
+        lines.append(f"  not the paper's protocol: {'; '.join(paper['protocol_differences'])}; its figures are "
+                     f"shown for reference, not as a target")
     test_cov = ((cov or {}).get("splits") or {}).get("test", {})
     if test_cov and test_cov.get("embedded") != test_cov.get("labelled"):
         lines.append(f"  (this run's test split is {test_cov.get('embedded')} of {test_cov.get('labelled')} tracks, "

@@ -266,7 +266,7 @@ def _locate(dataset: str, data_root: str | Path | None):
 
 def load_downloaded(dataset: str, data_root: str | Path | None = None, *, split: int | None = None,
                     min_match: float = 0.5, spec: InferenceSpec | None = None, extract_options: dict | None = None,
-                    log: Log | None = None) -> ProbeInputs:
+                    log: Log | None = None, grid: str = "paper") -> ProbeInputs:
     """DATASET as `maest datasets download` left it under DATA_ROOT (default: $MAEST_DATA, else
     the user cache): its labels, its audio embedded into the dataset's own cache (resumed), the
     part of each split that was downloaded, and the paper's rows for the model (module
@@ -277,7 +277,7 @@ def load_downloaded(dataset: str, data_root: str | Path | None = None, *, split:
     cache = embeddings_cache(located, spec, registry)
     ann = load_annotations(dataset, located.annotations_root, split=split)
     split = (split or 0) if dataset in MTG_TASKS else None
-    part = downloaded_part(ann, located.audio_root)
+    part = downloaded_part(ann, located.audio_root, located.coverage.parts if located.name == "mtg-jamendo" else None)
     if log:
         log(f"{dataset}: {located.root} ({located.coverage}); embeddings cache {cache}")
     summary = run_extract(located.audio_root, cache, spec, extract_options, log)
@@ -288,7 +288,7 @@ def load_downloaded(dataset: str, data_root: str | Path | None = None, *, split:
     emb = open_embeddings(cache)
     join = join_tracks(part.annotations, emb, min_match=min_match)
     model = emb.metadata.get("model") if isinstance(emb.metadata.get("model"), dict) else {}
-    paper = paper_rows(dataset, paper_model_name(spec.model, model.get("sha256"), registry))
+    paper = paper_rows(dataset, paper_model_name(spec.model, model.get("sha256"), registry), split, grid, spec)
     return ProbeInputs(dataset, str(located.annotations_root), split, part.annotations, emb, join, summary,
                        coverage=coverage(located, part, join, empty), empty_audio=empty, paper=paper)
 
@@ -351,7 +351,7 @@ def probe(dataset: str, *, dataset_root: str | Path | None = None, embeddings: s
     spec = spec or InferenceSpec(device=device)
     if downloaded:
         inputs = load_downloaded(dataset, data_root, split=split, min_match=min_match, spec=spec,
-                                 extract_options=extract_options, log=log)
+                                 extract_options=extract_options, log=log, grid=grid_name)
     else:
         inputs = load_inputs(dataset, dataset_root, embeddings=embeddings, audio_root=audio_root, split=split,
                              out=out, min_match=min_match, spec=spec, extract_options=extract_options, log=log)

@@ -697,9 +697,12 @@ def _train(cfg: TrainConfig, data_dir: Path, run_dir: Path, state: dict | None, 
         while epoch < cfg.epochs:
             order = train_rows[draw_epoch(weights, epoch_len, cfg.seed, epoch)]
             batches = TrainBatches(data, order, layout, d.rank, epoch, cfg.seed, mcfg.frames, norm, augment)
+            # workers start from a forkserver, never forked from this process: a fork copies one thread
+            # of a process whose other libraries (OpenMP, OpenVINO) may hold locks in theirs
             loader = torch.utils.data.DataLoader(
                 batches, batch_size=None, sampler=range(step_in_epoch * layout.accum, layout.micro_batches),
-                num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
+                num_workers=cfg.workers, pin_memory=d.device.type == "cuda",
+                multiprocessing_context="forkserver" if cfg.workers > 0 else None)
             batch_iter = iter(loader)
             window_t, timed_steps = time.perf_counter(), 0
             bar.update(task, epoch=f"{epoch + 1}/{cfg.epochs}")
